@@ -1,0 +1,49 @@
+// swift-tools-version: 6.1
+// imgconv: native, safe disk-image inspection and conversion for OpenStack compute nodes.
+//
+// Layering (arrows point one way):  imgconv (CLI) -> Convert -> ImageFormats -> CZlib/CZstd
+// ImageFormats depends on no networking, Ceph or daemon code so it can be fuzzed and reused.
+import PackageDescription
+
+let gnuSource: [SwiftSetting] = [.unsafeFlags(["-Xcc", "-D_GNU_SOURCE"])]
+
+let package = Package(
+    name: "imgconv",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "ImageFormats", targets: ["ImageFormats"]),
+        .library(name: "Convert", targets: ["Convert"]),
+        .executable(name: "imgconv", targets: ["imgconv"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser.git", exact: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", exact: "1.16.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
+        .target(
+            name: "ImageFormats",
+            dependencies: ["CZlib", "CZstd"],
+            cSettings: [.define("_GNU_SOURCE")],
+            swiftSettings: gnuSource
+        ),
+        .target(
+            name: "Convert",
+            dependencies: ["ImageFormats", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: gnuSource
+        ),
+        .executableTarget(
+            name: "imgconv",
+            dependencies: [
+                "ImageFormats", "Convert",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: gnuSource
+        ),
+        .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats"]),
+        .testTarget(name: "ConvertTests", dependencies: ["Convert", "ImageFormats"]),
+        .testTarget(name: "OracleTests", dependencies: ["Convert", "ImageFormats"]),
+    ]
+)

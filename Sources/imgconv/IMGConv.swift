@@ -1,0 +1,217 @@
+import ArgumentParser
+import Convert
+import ImageFormats
+import Logging
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct IMGConv: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "imgconv",
+        abstract: "Inspect and convert disk images (raw, qcow2, vmdk, vpc/vhd, vdi) natively and safely.",
+        discussion: "Command lines and JSON follow qemu-img's, so tools that parse qemu-img can use imgconv instead.",
+        subcommands: [Info.self, MapCommand.self, Check.self, ConvertCommand.self]
+    )
+
+    static func main() {
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = .warning
+            return h
+        }
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let e as ExitCode {
+            Glibc.exit(e.rawValue)
+        } catch let e as ImageError {
+            fail(e.description)
+        } catch let e as SinkError {
+            fail(e.description)
+        } catch {
+            exit(withError: error)
+        }
+    }
+
+    static func fail(_ message: String, code: Int32 = 1) -> Never {
+        writeStderr("imgconv: \(message)\n")
+        Glibc.exit(code)
+    }
+}
+
+func writeStderr(_ s: String) {
+    var s = s
+    s.withUTF8 { b in _ = write(2, b.baseAddress, b.count) }
+}
+
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+    case human, json
+}
+
+/// Options every reading command shares.
+struct SourceOptions: ParsableArguments {
+    @Option(name: .customShort("f"), help: "The format the image must be (raw, qcow2, vmdk, vpc or vhd, vdi). The command fails if the content is another format.")
+    var format: String?
+
+    @Flag(name: .customLong("allow-extent-files"),
+          help: "Open the extent files a VMDK descriptor names (only plain names in the descriptor's directory). Off by default: a hostile descriptor can name any host file.")
+    var allowExtentFiles = false
+
+    @Flag(name: .customShort("U"), help: "Accepted for qemu-img compatibility; imgconv never locks images.")
+    var forceShare = false
+
+    func open(_ path: String) throws -> any DiskImage {
+        let declared = try format.map { try ImageFormat(name: $0) }
+        var o = OpenOptions()
+        o.allowVMDKExtentFiles = allowExtentFiles
+        return try ImageOpener.open(path: path, declared: declared, options: o)
+    }
+}
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show an image's format, sizes and format-specific details.")
+    @OptionGroup var source: SourceOptions
+    @Option(name: .customLong("output"), help: "human or json (qemu-img info --output=json's keys).")
+    var output: OutputFormat = .human
+    @Argument(help: "The image file.") var file: String
+
+    func run() throws {
+        let image = try source.open(file)
+        var info = image.info()
+        info.filename = file
+        switch output {
+        case .json: print(info.json.pretty())
+        case .human: print(info.human, terminator: "")
+        }
+    }
+}
+
+struct MapCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "map", abstract: "Show the allocation map: data, zero and unallocated runs.")
+    @OptionGroup var source: SourceOptions
+    @Option(name: .customLong("output"), help: "human or json (qemu-img map --output=json's shape).")
+    var output: OutputFormat = .human
+    @Argument(help: "The image file.") var file: String
+
+    func run() throws {
+        let image = try source.open(file)
+        let extents = try image.allExtents()
+        switch output {
+        case .json:
+            let lines = extents.map { e -> String in
+                var p: [(String, JSON)] = [
+                    ("start", .uint(e.start)), ("length", .uint(e.length)), ("depth", .int(0)),
+                    ("present", .bool(e.status != .unallocated)), ("zero", .bool(e.status != .data)),
+                    ("data", .bool(e.status == .data)),
+                ]
+                if e.compressed { p.append(("compressed", .bool(true))) }
+                if let h = e.hostOffset { p.append(("offset", .uint(h))) }
+                return JSON.object(p).compact()
+            }
+            print("[" + lines.joined(separator: ",\n") + "]")
+        case .human:
+            func hex(_ v: UInt64) -> String { v == 0 ? "0" : "0x" + String(v, radix: 16) }
+            func col(_ s: String) -> String { s.count >= 16 ? s + " " : s + String(repeating: " ", count: 16 - s.count) }
+            print("Offset          Length          Mapped to       File")
+            for e in extents where e.status == .data {
+                guard let h = e.hostOffset else { continue }
+                let name = e.file == 0 ? file : image.files[e.file].name
+                print(col(hex(e.start)) + col(hex(e.length)) + col(hex(h)) + name)
+            }
+        }
+    }
+}
+
+struct Check: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check an image's metadata for consistency.",
+        discussion: "Exit codes as qemu-img check: 0 clean, 2 corrupt, 3 leaked clusters only, 1 the check failed.")
+    @OptionGroup var source: SourceOptions
+    @Option(name: .customLong("output"), help: "human or json.")
+    var output: OutputFormat = .human
+    @Argument(help: "The image file.") var file: String
+
+    func run() throws {
+        let image: any DiskImage
+        var result: CheckResult
+        do {
+            image = try source.open(file)
+            result = try image.check()
+        } catch let e as ImageError {
+            // Metadata so broken that the image cannot be opened or walked is a corruption, not a tool error,
+            // unless it is an I/O error or a refusal.
+            switch e {
+            case .io, .unknownFormatName, .formatMismatch, .externalFile, .unsupported: throw e
+            default:
+                let fmt = (try? source.format.map { try ImageFormat(name: $0) }) ?? nil
+                result = CheckResult(filename: file, format: fmt ?? .raw)
+                result.corruption(e.description)
+            }
+        }
+        result.filename = file
+        switch output {
+        case .json: print(result.json.pretty())
+        case .human: print(result.human, terminator: "")
+        }
+        if result.exitCode != 0 { throw ExitCode(result.exitCode) }
+    }
+}
+
+/// Set by SIGINT/SIGTERM; the converter polls it between chunks and then removes its partial output.
+let interrupted = Atomic<Bool>(false)
+
+func onInterrupt(_: Int32) { interrupted.store(true, ordering: .relaxed) }
+
+struct ConvertCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "convert", abstract: "Convert an image; holes and zero runs are never written.")
+    @OptionGroup var source: SourceOptions
+    @Option(name: .customShort("O"), help: "Output format (raw).") var outputFormat: String = "raw"
+    @Option(name: .customShort("S"), help: "Zero-detection granularity in bytes (default 4096; 0 disables).")
+    var sparseSize: String = "4k"
+    @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
+    @Argument(help: "The source image.") var src: String
+    @Argument(help: "The output file; written under a temporary name and renamed at the end.") var dst: String
+
+    func run() throws {
+        let out = try ImageFormat(name: outputFormat)
+        guard out == .raw else {
+            throw SinkError.unsupportedOutput("output format '\(outputFormat)' is not supported yet (only raw)")
+        }
+        var options = ConvertOptions()
+        options.zeroGranularity = try Self.parseSize(sparseSize)
+        let image = try source.open(src)
+        signal(SIGINT, onInterrupt)
+        signal(SIGTERM, onInterrupt)
+        let showProgress = progress
+        var reporter: (@Sendable (UInt64, UInt64) -> Void)? = nil
+        if showProgress {
+            reporter = { done, total in
+                let pct = total == 0 ? 100.0 : Double(done) * 100 / Double(total)
+                writeStderr("    (\(fmt2(pct))/100%)\r")
+            }
+        }
+        let converter = try Converter(options: options, cancel: { interrupted.load(ordering: .relaxed) },
+                                      progress: reporter)
+        try converter.convert(image, to: RawFileSink(path: dst))
+        if showProgress { writeStderr("    (100.00/100%)\n") }
+    }
+
+    /// qemu-style sizes: 4096, 4k, 1M.
+    static func parseSize(_ s: String) throws -> Int {
+        let units: [Character: Int] = ["b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30]
+        var text = s.lowercased()
+        var mult = 1
+        if let last = text.last, let u = units[last] { mult = u; text.removeLast() }
+        guard let v = Int(text), v >= 0 else { throw ValidationError("invalid size '\(s)'") }
+        return v * mult
+    }
+}
+
+func fmt2(_ d: Double) -> String {
+    let v = Int((d * 100).rounded())
+    return "\(v / 100).\(v % 100 < 10 ? "0" : "")\(v % 100)"
+}
