@@ -79,7 +79,11 @@ public struct Converter: Sendable {
         let size = image.virtualSize
         while pos < size {
             if cancel() { throw SinkError.cancelled }
-            let ext = try image.extent(at: pos, maxLength: UInt64(chunk))
+            var ext = try image.extent(at: pos, maxLength: UInt64(chunk))
+            if ext.readsAsZero && ext.length == UInt64(chunk) {
+                // A long hole: skip all of it in one step (a 1 TiB empty qcow2 is ~2048 L1 entries, not 1 Mi chunks).
+                ext = try image.extent(at: pos)
+            }
             if ext.readsAsZero {
                 stats.holeBytes += ext.length
             } else {

@@ -34,8 +34,10 @@ public enum FormatDetector {
     /// A VMDK text descriptor: printable text whose first meaningful line is `version=N` and which names a
     /// createType (qemu's probe looks for the same).
     static func isVMDKDescriptor(_ head: [UInt8]) -> Bool {
-        guard !head.isEmpty, !head.contains(0) else { return false }
-        let text = String(decoding: head, as: UTF8.self)
+        // qemu pads descriptors it writes with NULs to a sector: text, then nothing but NULs.
+        let textEnd = head.firstIndex(of: 0) ?? head.count
+        guard textEnd > 0, head[textEnd...].allSatisfy({ $0 == 0 }) else { return false }
+        let text = String(decoding: head[..<textEnd], as: UTF8.self)
         var sawVersion = false
         for raw in text.split(whereSeparator: { $0 == "\n" || $0 == "\r" }) {
             let line = raw.trimmingSpaces()

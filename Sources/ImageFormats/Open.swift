@@ -24,9 +24,10 @@ public enum ImageOpener {
     public static func open(path: String, declared: ImageFormat? = nil,
                             options: OpenOptions = OpenOptions()) throws -> any DiskImage {
         let storage = try FileStorage(path: path)
-        let directory = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        // Extents are named relative to the descriptor, as qemu names them (so `info` prints the same paths).
+        let directory = path.lastIndex(of: "/").map { String(path[...$0]) } ?? ""
         return try open(storage: storage, declared: declared, options: options) { name in
-            try FileStorage(path: directory + "/" + name)
+            try FileStorage(path: directory + name)
         }
     }
 

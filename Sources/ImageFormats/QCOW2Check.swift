@@ -86,6 +86,7 @@ struct QCOW2Checker {
                 continue
             }
             reference("\(label) L2 table", offset: l2, length: cs)
+            nextContiguous = 0  // qemu counts fragmentation within one L2 table
             let table = try image.l2Table(at: l2)
             let stride = image.extendedL2 ? 2 : 1
             for j in 0..<(table.count / stride) {

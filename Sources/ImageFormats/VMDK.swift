@@ -62,8 +62,8 @@ public final class VMDKImage: DiskImage {
             throw ImageError.limitExceeded(format: .vmdk, field: "descriptor file size", value: storage.size,
                                            limit: Self.descriptorLimit)
         }
-        let text = String(decoding: try storage.readBytes(at: 0, count: Int(storage.size), what: "vmdk descriptor"),
-                          as: UTF8.self)
+        let raw = try storage.readBytes(at: 0, count: Int(storage.size), what: "vmdk descriptor")
+        let text = String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
         let d = Descriptor(text: text)
         guard let ct = d.createType else {
             throw ImageError.invalidField(format: .vmdk, field: "createType", value: "(missing)",
@@ -109,7 +109,9 @@ public final class VMDKImage: DiskImage {
             default:
                 throw ImageError.unsupported(format: .vmdk, feature: "extent type \(line.type)")
             }
-            list.append(Extent(start: pos, length: bytes, kind: kind, typeName: line.type, fileName: line.fileName))
+            var shownName = line.fileName
+            if case .external = kind {} else if case .zero = kind {} else { shownName = opened[opened.count - 1].name }
+            list.append(Extent(start: pos, length: bytes, kind: kind, typeName: line.type, fileName: shownName))
             pos += bytes
         }
         files = opened

@@ -107,7 +107,6 @@ struct MapCommand: ParsableCommand {
                     ("present", .bool(e.status != .unallocated)), ("zero", .bool(e.status != .data)),
                     ("data", .bool(e.status == .data)),
                 ]
-                if e.compressed { p.append(("compressed", .bool(true))) }
                 if let h = e.hostOffset { p.append(("offset", .uint(h))) }
                 return JSON.object(p).compact()
             }
