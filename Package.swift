@@ -44,6 +44,6 @@ let package = Package(
         ),
         .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats"]),
         .testTarget(name: "ConvertTests", dependencies: ["Convert", "ImageFormats"]),
-        .testTarget(name: "OracleTests", dependencies: ["Convert", "ImageFormats", "imgconv"]),
+        .testTarget(name: "imgconvTests", dependencies: ["Convert", "ImageFormats", "imgconv"]),
     ]
 )

@@ -63,6 +63,12 @@ public struct Segment: Sendable, Equatable {
     public var start: UInt64
     public var length: UInt64
     public var mapping: Mapping
+
+    public init(start: UInt64, length: UInt64, mapping: Mapping) {
+        self.start = start
+        self.length = length
+        self.mapping = mapping
+    }
 }
 
 /// An opened image of any format: a virtual size, an allocation map and positioned reads.

@@ -183,8 +183,14 @@ struct ConvertCommand: ParsableCommand {
         var options = ConvertOptions()
         options.zeroGranularity = try Self.parseSize(sparseSize)
         let image = try source.open(src)
+        // Catch SIGINT/SIGTERM, and unblock them: a parent may have started us with them blocked.
         signal(SIGINT, onInterrupt)
         signal(SIGTERM, onInterrupt)
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
         let showProgress = progress
         var reporter: (@Sendable (UInt64, UInt64) -> Void)? = nil
         if showProgress {

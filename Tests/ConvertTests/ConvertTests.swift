@@ -1,0 +1,151 @@
+import Foundation
+import Testing
+@testable import Convert
+import ImageFormats
+
+let samplesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent().appendingPathComponent("samples").path
+
+/// Records what a converter writes.
+final class RecordingSink: ImageSink {
+    var writes: [(UInt64, [UInt8])] = []
+    var began: UInt64?
+    var finished = false
+    var aborted = false
+    var failAfter: Int?
+
+    func begin(virtualSize: UInt64) throws { began = virtualSize }
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        if let n = failAfter, writes.count >= n { throw SinkError.io(operation: "write", path: "test", errno: ENOSPC) }
+        writes.append((offset, Array(bytes)))
+    }
+    func finish() throws { finished = true }
+    func abort() { aborted = true }
+}
+
+/// An image made of one data extent with chosen bytes.
+final class BytesImage: DiskImage {
+    let format = ImageFormat.raw
+    let files: [any ImageStorage]
+    var virtualSize: UInt64 { files[0].size }
+    init(_ bytes: [UInt8]) { files = [MemoryStorage(bytes)] }
+    func segment(at offset: UInt64) throws -> Segment {
+        Segment(start: 0, length: virtualSize, mapping: .data(file: 0, host: 0))
+    }
+    func info() -> ImageInfo { ImageInfo(filename: "bytes", format: .raw, virtualSize: virtualSize) }
+    func check() throws -> CheckResult { CheckResult(filename: "bytes", format: .raw) }
+}
+
+func tempPath(_ name: String) -> String {
+    let dir = NSTemporaryDirectory() + "imgconv-convert-\(UUID().uuidString.prefix(8))"
+    try! FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    return dir + "/" + name
+}
+
+@Suite("converter")
+struct ConvertTests {
+    @Test func zeroRunsInsideDataAreNotWritten() throws {
+        var bytes = [UInt8](repeating: 0, count: 64 * 1024)
+        for i in 0..<100 { bytes[i] = 1 }            // granule 0
+        for i in 20000..<20010 { bytes[i] = 2 }      // granule 4
+        for i in 61440..<65536 { bytes[i] = 3 }      // granule 15
+        let sink = RecordingSink()
+        let stats = try Converter().convert(BytesImage(bytes), to: sink)
+        #expect(sink.writes.map(\.0) == [0, 16384, 61440])
+        #expect(sink.writes.map(\.1.count) == [4096, 4096, 4096])
+        #expect(stats.bytesWritten == 3 * 4096)
+        #expect(stats.zeroBytesSkipped == 13 * 4096)
+        #expect(sink.finished && !sink.aborted)
+    }
+
+    @Test func detectionOffWritesEverything() throws {
+        var o = ConvertOptions()
+        o.zeroGranularity = 0
+        let sink = RecordingSink()
+        try Converter(options: o).convert(BytesImage([UInt8](repeating: 0, count: 8192)), to: sink)
+        #expect(sink.writes.map(\.1.count) == [8192])
+    }
+
+    @Test func optionsAreValidated() {
+        var o = ConvertOptions()
+        o.zeroGranularity = 1000
+        #expect(throws: SinkError.self) { try Converter(options: o) }
+        o.zeroGranularity = 4096
+        o.chunkSize = 1
+        #expect(throws: SinkError.self) { try Converter(options: o) }
+    }
+
+    @Test func errorsAbortTheSink() throws {
+        let sink = RecordingSink()
+        sink.failAfter = 1
+        var bytes = [UInt8](repeating: 1, count: 3 << 20)
+        bytes[1 << 20] = 0
+        #expect(throws: SinkError.self) { try Converter().convert(BytesImage(bytes), to: sink) }
+        #expect(sink.aborted && !sink.finished)
+    }
+
+    @Test(arguments: ["qcow2-zlib.qcow2", "qcow2-extl2.qcow2", "vmdk-stream-optimized.vmdk", "vpc-dynamic.vhd", "vdi-static.vdi"])
+    func rawFileIsSparseAndExact(_ name: String) throws {
+        let image = try ImageOpener.open(path: samplesDir + "/" + name)
+        let dst = tempPath("out.raw")
+        let stats = try Converter().convert(image, to: RawFileSink(path: dst))
+        let out = Array(FileManager.default.contents(atPath: dst)!)
+        let base = Array(FileManager.default.contents(atPath: samplesDir + "/base.raw")!)
+        #expect(out.count == Int(image.virtualSize))
+        #expect(Array(out[0..<base.count]) == base)
+        #expect(stats.bytesWritten < UInt64(base.count))
+        // The file holds only what was written.
+        let allocated = try FileStorage(path: dst).allocatedBytes!
+        #expect(allocated <= stats.bytesWritten + 64 * 1024)
+        let names = try FileManager.default.contentsOfDirectory(atPath: (dst as NSString).deletingLastPathComponent)
+        #expect(names == ["out.raw"])
+    }
+
+    @Test func cancellationLeavesNothingBehind() throws {
+        let image = try ImageOpener.open(path: samplesDir + "/qcow2-v3.qcow2")
+        let dst = tempPath("cancelled.raw")
+        let converter = try Converter(cancel: { true })
+        #expect(throws: SinkError.self) { try converter.convert(image, to: RawFileSink(path: dst)) }
+        let dir = (dst as NSString).deletingLastPathComponent
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).isEmpty)
+    }
+
+    @Test func corruptSourceLeavesNothingBehind() throws {
+        var b = Array(FileManager.default.contents(atPath: samplesDir + "/qcow2-v3.qcow2")!)
+        // The second L2 entry points past the end of the file: the first cluster converts, then the read fails.
+        let l1 = Int(b[40..<48].reduce(0) { $0 << 8 | UInt64($1) })
+        let l2 = Int(b[l1..<(l1 + 8)].reduce(0) { $0 << 8 | UInt64($1) } & 0x00ff_ffff_ffff_fe00)
+        for i in 0..<8 { b[l2 + 8 + i] = [0x80, 0, 0, 0x10, 0, 0, 0, 0][i] }
+        let image = try ImageOpener.open(storage: MemoryStorage(b))
+        let dst = tempPath("corrupt.raw")
+        #expect(throws: ImageError.self) { try Converter().convert(image, to: RawFileSink(path: dst)) }
+        let dir = (dst as NSString).deletingLastPathComponent
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).isEmpty)
+    }
+
+    @Test func holesAreNeverRead() throws {
+        let image = try ImageOpener.open(path: samplesDir + "/qcow2-v3.qcow2")
+        let data = try image.allExtents().filter { $0.status == .data }.reduce(UInt64(0)) { $0 + $1.length }
+        let stats = try Converter().convert(image, to: RecordingSink())
+        #expect(stats.bytesRead == data)
+        #expect(stats.holeBytes + stats.bytesRead == image.virtualSize)
+    }
+
+    @Test func zeroDetector() {
+        for n in [0, 1, 7, 8, 31, 32, 33, 4096, 4097] {
+            let z = [UInt8](repeating: 0, count: n + 3)
+            z.withUnsafeBytes { b in
+                for shift in 0..<3 {
+                    #expect(ZeroDetector.isZero(UnsafeRawBufferPointer(rebasing: b[shift..<(shift + n)])))
+                }
+            }
+            if n > 0 {
+                for pos in [0, n / 2, n - 1] {
+                    var nz = [UInt8](repeating: 0, count: n)
+                    nz[pos] = 1
+                    #expect(!nz.withUnsafeBytes { ZeroDetector.isZero($0) })
+                }
+            }
+        }
+    }
+}
