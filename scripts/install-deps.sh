@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what imgconv needs to build and test on Debian 12: zlib and zstd headers (build), qemu-utils
+# (qemu-img and qemu-io: the test oracle and benchmark peer only; imgconv never runs them).
+# Needs root or sudo. Skips apt entirely when everything is already there.
+set -euo pipefail
+packages=(zlib1g-dev libzstd-dev qemu-utils)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+echo "installing: ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
