@@ -22,15 +22,16 @@ let package = Package(
     targets: [
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
+        .systemLibrary(name: "CDeflate", path: "Sources/CDeflate"),
         .target(
             name: "ImageFormats",
-            dependencies: ["CZlib", "CZstd"],
+            dependencies: ["CZlib", "CZstd", "CDeflate"],
             cSettings: [.define("_GNU_SOURCE")],
             swiftSettings: gnuSource
         ),
         .target(
             name: "Convert",
-            dependencies: ["ImageFormats", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["ImageFormats", "CZlib", "CZstd", "CDeflate", .product(name: "Logging", package: "swift-log")],
             swiftSettings: gnuSource
         ),
         .executableTarget(

@@ -3,7 +3,7 @@
 # (qemu-img and qemu-io: the test oracle and benchmark peer only; imgconv never runs them).
 # Needs root or sudo. Skips apt entirely when everything is already there.
 set -euo pipefail
-packages=(zlib1g-dev libzstd-dev qemu-utils)
+packages=(zlib1g-dev libzstd-dev libdeflate-dev qemu-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,22 +3,58 @@ import ImageFormats
 import Glibc
 #endif
 
-/// Where converted bytes go. The converter calls `write` only with data (never zeros, never holes) and
-/// `finish` once at the end; `abort` removes everything the sink created.
+/// One run of the output, ready to be written: the converter's workers make it (`ImageSink.encode`, in
+/// parallel), the writer hands it to the sink (`ImageSink.write`, in order of offset).
+public struct EncodedRun: @unchecked Sendable {
+    /// Virtual offset of the run; a multiple of the sink's unit.
+    public var offset: UInt64
+    /// The bytes as read (valid until `write` returns; never zero units).
+    public var data: UnsafeRawBufferPointer
+    /// For compressing sinks: the compressed form of each unit of `data`, in order; nil when stored as is.
+    public var compressed: [[UInt8]]?
+
+    public init(offset: UInt64, data: UnsafeRawBufferPointer, compressed: [[UInt8]]? = nil) {
+        self.offset = offset
+        self.data = data
+        self.compressed = compressed
+    }
+}
+
+/// Where converted bytes go. The converter hands the sink runs of whole units (clusters, grains; for raw the
+/// zero-detection granule) that are not all zero, in increasing offset order; it never hands it zeros or holes.
+/// On any error or interruption it calls `abort`, which removes everything the sink created.
 public protocol ImageSink: AnyObject {
-    /// Prepares for an image of `virtualSize` bytes.
+    /// The allocation unit: zero detection and `write` work in whole units (the last may be partial).
+    var unit: Int { get }
+    /// Prepares an image of `virtualSize` bytes.
     func begin(virtualSize: UInt64) throws
-    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws
-    /// Makes the result durable and visible (fsync, rename).
+    /// Prepares a run for writing (compression): called from several threads at once, so it must not touch
+    /// shared state. The default stores the bytes as they are.
+    func encode(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws -> EncodedRun
+    /// Stores a run. Called in increasing offset order from one thread.
+    func write(_ run: EncodedRun) throws
+    /// Makes `offset ..< offset+length` read as zero, for a target that was not created empty (`-n`).
+    func zero(at offset: UInt64, length: UInt64) throws
+    /// Writes the metadata, fsyncs and renames the result into place.
     func finish() throws
     /// Removes any partial output. Never throws: it runs on the error path.
     func abort()
 }
 
+extension ImageSink {
+    public func encode(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws -> EncodedRun {
+        EncodedRun(offset: offset, data: data)
+    }
+    public func zero(at offset: UInt64, length: UInt64) throws {
+        throw SinkError.unsupportedOutput("this output format cannot be written into an existing image (-n)")
+    }
+}
+
 /// Errors of writing an output.
-public enum SinkError: Error, CustomStringConvertible {
+public enum SinkError: Error, CustomStringConvertible, Equatable {
     case io(operation: String, path: String, errno: Int32)
     case unsupportedOutput(String)
+    case invalidOption(String)
     case cancelled
 
     public var description: String {
@@ -28,75 +64,167 @@ public enum SinkError: Error, CustomStringConvertible {
             if err == ENOSPC || err == EDQUOT { hint = ": the target file system is full; free space or choose another target" }
             return "\(op) '\(path)' failed: \(errnoName(err)) (\(String(cString: strerror(err))))\(hint)"
         case let .unsupportedOutput(s): return s
+        case let .invalidOption(s): return "invalid option: \(s)"
         case .cancelled: return "interrupted; no output was left behind"
         }
     }
 }
 
-/// A sparse raw file written under a temporary name in the target's directory and renamed over the target
-/// at the end, so a reader never sees a partial file. Holes are never written: the file is sized with
-/// ftruncate and only data is written into it.
-public final class RawFileSink: ImageSink {
+/// An output file written under a temporary name in the target's directory, fsynced and renamed over the
+/// target at the end, so nobody ever sees a partial image. With `inPlace` (`-n`) the existing file is written.
+public final class OutputFile {
     public let path: String
     public private(set) var temporaryPath: String?
-    private var fd: Int32 = -1
-    private let mode: mode_t
+    public private(set) var fd: Int32 = -1
+    let inPlace: Bool
 
-    public init(path: String, mode: mode_t = 0o644) {
+    public init(path: String, inPlace: Bool = false) {
         self.path = path
-        self.mode = mode
+        self.inPlace = inPlace
     }
 
-    public func begin(virtualSize: UInt64) throws {
-        let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+    var directory: String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        let d = String(path[..<slash])
+        return d.isEmpty ? "/" : d
+    }
+
+    public func create() throws {
+        if inPlace {
+            fd = open(path, O_WRONLY | O_CLOEXEC)
+            if fd < 0 { throw SinkError.io(operation: "open", path: path, errno: errno) }
+            return
+        }
         let base = path.lastIndex(of: "/").map { String(path[path.index(after: $0)...]) } ?? path
-        for attempt in 0..<100 {
-            let tmp = "\(dir.isEmpty ? "/" : dir)/.\(base).imgconv-\(getpid())-\(attempt)"
-            let f = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
+        for attempt in 0..<1000 {
+            let tmp = "\(directory)/.\(base).imgconv-\(getpid())-\(attempt)"
+            let f = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
             if f >= 0 {
                 fd = f
                 temporaryPath = tmp
-                break
+                return
             }
             if errno != EEXIST { throw SinkError.io(operation: "create", path: tmp, errno: errno) }
         }
-        guard fd >= 0 else { throw SinkError.io(operation: "create temporary for", path: path, errno: EEXIST) }
-        if ftruncate(fd, off_t(virtualSize)) != 0 {
-            let e = errno
-            abort()
-            throw SinkError.io(operation: "truncate", path: temporaryPath ?? path, errno: e)
-        }
+        throw SinkError.io(operation: "create a temporary file for", path: path, errno: EEXIST)
     }
 
-    public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    var currentPath: String { temporaryPath ?? path }
+
+    public func pwriteAll(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
         var done = 0
         while done < bytes.count {
             let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw SinkError.io(operation: "write", path: temporaryPath ?? path, errno: errno)
+                throw SinkError.io(operation: "write", path: currentPath, errno: errno)
             }
             done += n
         }
     }
 
-    public func finish() throws {
-        guard let tmp = temporaryPath else { return }
-        if fsync(fd) != 0 { throw SinkError.io(operation: "fsync", path: tmp, errno: errno) }
+    public func pwriteAll(_ bytes: [UInt8], at offset: UInt64) throws {
+        try bytes.withUnsafeBytes { try pwriteAll($0, at: offset) }
+    }
+
+    public func truncate(_ size: UInt64) throws {
+        if ftruncate(fd, off_t(size)) != 0 { throw SinkError.io(operation: "truncate", path: currentPath, errno: errno) }
+    }
+
+    public func allocate(_ offset: UInt64, _ length: UInt64) throws {
+        guard length > 0 else { return }
+        let r = posix_fallocate(fd, off_t(offset), off_t(length))
+        if r != 0 { throw SinkError.io(operation: "fallocate", path: currentPath, errno: r) }
+    }
+
+    /// fsync, rename into place, fsync the directory.
+    public func commit() throws {
+        guard fd >= 0 else { return }
+        if fsync(fd) != 0 { throw SinkError.io(operation: "fsync", path: currentPath, errno: errno) }
         close(fd)
         fd = -1
+        guard let tmp = temporaryPath else { return }
         if rename(tmp, path) != 0 { throw SinkError.io(operation: "rename to '\(path)'", path: tmp, errno: errno) }
         temporaryPath = nil
-        // Make the rename itself durable.
-        let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
-        let dfd = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        let dfd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dfd >= 0 { _ = fsync(dfd); close(dfd) }
     }
 
-    public func abort() {
+    public func discard() {
         if fd >= 0 { close(fd); fd = -1 }
         if let tmp = temporaryPath { unlink(tmp); temporaryPath = nil }
     }
 
-    deinit { abort() }
+    deinit { discard() }
+}
+
+/// How a raw output is preallocated (qemu-img's `-o preallocation=`).
+public enum Preallocation: String, Sendable {
+    case off, falloc, full
+}
+
+/// A sparse raw file: sized with ftruncate, only data is written into it. Holes are never written.
+public final class RawFileSink: ImageSink {
+    public let unit: Int
+    let file: OutputFile
+    let preallocation: Preallocation
+    let inPlace: Bool
+    private var size: UInt64 = 0
+
+    /// `unit` is the zero-detection granularity (qemu-img's -S).
+    public init(path: String, unit: Int = 4096, preallocation: Preallocation = .off, inPlace: Bool = false) {
+        self.unit = unit
+        self.file = OutputFile(path: path, inPlace: inPlace)
+        self.preallocation = preallocation
+        self.inPlace = inPlace
+    }
+
+    public var temporaryPath: String? { file.temporaryPath }
+
+    public func begin(virtualSize: UInt64) throws {
+        size = virtualSize
+        try file.create()
+        if inPlace {
+            var st = stat()
+            fstat(file.fd, &st)
+            if UInt64(st.st_size) < virtualSize {
+                throw SinkError.unsupportedOutput("the existing target '\(file.path)' (\(st.st_size) bytes) is smaller than the image (\(virtualSize) bytes)")
+            }
+            return
+        }
+        try file.truncate(virtualSize)
+        switch preallocation {
+        case .off: break
+        case .falloc: try file.allocate(0, virtualSize)
+        case .full:
+            // Write zeros over the whole file (what `full` promises), 1 MiB at a time.
+            let zeros = [UInt8](repeating: 0, count: 1 << 20)
+            var pos: UInt64 = 0
+            while pos < virtualSize {
+                let n = Int(min(UInt64(zeros.count), virtualSize - pos))
+                try zeros.withUnsafeBytes { try file.pwriteAll(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: pos) }
+                pos += UInt64(n)
+            }
+        }
+    }
+
+    public func write(_ run: EncodedRun) throws {
+        try file.pwriteAll(run.data, at: run.offset)
+    }
+
+    public func zero(at offset: UInt64, length: UInt64) throws {
+        // Punch a hole (keep the size); fall back to writing zeros where the file system cannot.
+        let punchHole: Int32 = 0x02, keepSize: Int32 = 0x01
+        if fallocate(file.fd, punchHole | keepSize, off_t(offset), off_t(length)) == 0 { return }
+        let zeros = [UInt8](repeating: 0, count: 1 << 20)
+        var pos = offset
+        while pos < offset + length {
+            let n = Int(min(UInt64(zeros.count), offset + length - pos))
+            try zeros.withUnsafeBytes { try file.pwriteAll(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: pos) }
+            pos += UInt64(n)
+        }
+    }
+
+    public func finish() throws { try file.commit() }
+    public func abort() { if inPlace { if file.fd >= 0 { close(file.fd) } } else { file.discard() } }
 }

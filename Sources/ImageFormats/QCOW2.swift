@@ -42,14 +42,14 @@ public final class QCOW2Image: DiskImage {
     static let l1OffsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
     static let l2OffsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
     static let refcountTableOffsetMask: UInt64 = 0xffff_ffff_ffff_fe00
-    static let copiedFlag: UInt64 = 1 << 63
-    static let compressedFlag: UInt64 = 1 << 62
+    public static let copiedFlag: UInt64 = 1 << 63
+    public static let compressedFlag: UInt64 = 1 << 62
     static let zeroFlag: UInt64 = 1
     // Incompatible feature bits.
     static let dirtyBit: UInt64 = 1 << 0
     static let corruptBit: UInt64 = 1 << 1
     static let dataFileBit: UInt64 = 1 << 2
-    static let compressionTypeBit: UInt64 = 1 << 3
+    public static let compressionTypeBit: UInt64 = 1 << 3
     static let extendedL2Bit: UInt64 = 1 << 4
     static let knownIncompatible: UInt64 = 0x1f
     // Hard limits, as qemu's: a 32 MiB L1 table, 65536 snapshots, an 8 MiB refcount table.

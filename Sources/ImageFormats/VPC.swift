@@ -25,7 +25,7 @@ public final class VPCImage: DiskImage {
     static let unallocated: UInt32 = 0xffff_ffff
 
     /// The footer checksum: the one's complement of the byte sum, with the checksum field counted as zero.
-    static func checksum(_ b: [UInt8], skipping field: Range<Int>) -> UInt32 {
+    public static func checksum(_ b: [UInt8], skipping field: Range<Int>) -> UInt32 {
         var sum: UInt32 = 0
         for (i, v) in b.enumerated() where !field.contains(i) { sum &+= UInt32(v) }
         return ~sum

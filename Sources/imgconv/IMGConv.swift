@@ -31,6 +31,8 @@ struct IMGConv: ParsableCommand {
             fail(e.description)
         } catch let e as SinkError {
             fail(e.description)
+        } catch let e as ValidationError {
+            fail(e.message)
         } catch {
             exit(withError: error)
         }
@@ -166,22 +168,40 @@ func onInterrupt(_: Int32) { interrupted.store(true, ordering: .relaxed) }
 
 struct ConvertCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "convert", abstract: "Convert an image; holes and zero runs are never written.")
+        commandName: "convert",
+        abstract: "Convert an image to any format; holes and zero runs are never read or written.",
+        discussion: "Spelled as qemu-img convert. The output is written under a temporary name, fsynced and renamed at the end (unless -n): SIGINT or an error leaves nothing behind.")
     @OptionGroup var source: SourceOptions
-    @Option(name: .customShort("O"), help: "Output format (raw).") var outputFormat: String = "raw"
-    @Option(name: .customShort("S"), help: "Zero-detection granularity in bytes (default 4096; 0 disables).")
+    @Option(name: .customShort("O"), help: "Output format: raw, qcow2, vmdk, vpc (vhd) or vdi.") var outputFormat: String = "raw"
+    @Option(name: .customShort("o"), help: "Output options key=value,... (raw: preallocation; qcow2: compat, cluster_size, compression_type, refcount_bits, lazy_refcounts; vmdk: subformat; vpc: subformat, force_size; vdi: static).")
+    var outputOptions: [String] = []
+    @Flag(name: .customShort("c"), help: "Compress the output (qcow2; vmdk streamOptimized).") var compress = false
+    @Option(name: .customShort("S"), help: "Zero-detection granularity for raw output (default 4k; 0 disables).")
     var sparseSize: String = "4k"
-    @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
+    @Option(name: .customShort("m"), help: "Worker threads (default: the number of cores, at most 8).") var workers: Int?
+    @Flag(name: .customShort("W"), help: "Accepted for qemu-img compatibility: writes are always out of order internally and in order on disk.")
+    var outOfOrder = false
+    @Flag(name: .customShort("n"), help: "Write into the existing target (raw only) instead of creating it.") var noCreate = false
+    @Flag(name: .customLong("target-is-zero"), help: "With -n: the target already reads as zeros, so skipped ranges are not zeroed.")
+    var targetIsZero = false
+    @Flag(name: .customShort("p"), help: "Show a progress bar on a terminal.") var progress = false
+    @Option(name: .customLong("progress"), help: "json: one JSON line per percent on standard error, for the agent.")
+    var progressFormat: String?
     @Argument(help: "The source image.") var src: String
-    @Argument(help: "The output file; written under a temporary name and renamed at the end.") var dst: String
+    @Argument(help: "The output file.") var dst: String
 
     func run() throws {
-        let out = try ImageFormat(name: outputFormat)
-        guard out == .raw else {
-            throw SinkError.unsupportedOutput("output format '\(outputFormat)' is not supported yet (only raw)")
-        }
+        var spec = OutputSpec(format: try ImageFormat(name: outputFormat))
+        for o in outputOptions { spec.options.merge(try OutputSpec.parseOptions(o)) { $1 } }
+        spec.compress = compress
+        spec.zeroGranularity = try OutputSpec.parseSize(sparseSize)
+        spec.inPlace = noCreate
+        if targetIsZero && !noCreate { throw SinkError.invalidOption("--target-is-zero needs -n") }
+        if let p = progressFormat, p != "json" { throw SinkError.invalidOption("--progress=\(p) (only json)") }
         var options = ConvertOptions()
-        options.zeroGranularity = try Self.parseSize(sparseSize)
+        if let workers { options.workers = workers }
+        options.zeroSkippedRanges = noCreate && !targetIsZero
+        let sink = try spec.makeSink(path: dst)
         let image = try source.open(src)
         // Catch SIGINT/SIGTERM, and unblock them: a parent may have started us with them blocked.
         signal(SIGINT, onInterrupt)
@@ -191,28 +211,30 @@ struct ConvertCommand: ParsableCommand {
         sigaddset(&set, SIGINT)
         sigaddset(&set, SIGTERM)
         pthread_sigmask(SIG_UNBLOCK, &set, nil)
-        let showProgress = progress
-        var reporter: (@Sendable (UInt64, UInt64) -> Void)? = nil
-        if showProgress {
-            reporter = { done, total in
-                let pct = total == 0 ? 100.0 : Double(done) * 100 / Double(total)
-                writeStderr("    (\(fmt2(pct))/100%)\r")
-            }
+        let reporter = Self.reporter(bar: progress && isatty(2) != 0, json: progressFormat == "json")
+        let converter = try Converter(options: options, cancel: { interrupted.load(ordering: .relaxed) }, progress: reporter)
+        let stats = try converter.convert(image, to: sink)
+        if progress && isatty(2) != 0 { writeStderr("    (100.00/100%)\n") }
+        if progressFormat == "json" {
+            let j = JSON.object([("event", .string("done")), ("virtual-size", .uint(stats.virtualSize)),
+                                 ("bytes-read", .uint(stats.bytesRead)), ("bytes-written", .uint(stats.bytesWritten))])
+            writeStderr(j.compact() + "\n")
         }
-        let converter = try Converter(options: options, cancel: { interrupted.load(ordering: .relaxed) },
-                                      progress: reporter)
-        try converter.convert(image, to: RawFileSink(path: dst))
-        if showProgress { writeStderr("    (100.00/100%)\n") }
     }
 
-    /// qemu-style sizes: 4096, 4k, 1M.
-    static func parseSize(_ s: String) throws -> Int {
-        let units: [Character: Int] = ["b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30]
-        var text = s.lowercased()
-        var mult = 1
-        if let last = text.last, let u = units[last] { mult = u; text.removeLast() }
-        guard let v = Int(text), v >= 0 else { throw ValidationError("invalid size '\(s)'") }
-        return v * mult
+    /// A progress callback: qemu's bar on a terminal, or JSON lines (each whole percent) for the agent.
+    static func reporter(bar: Bool, json: Bool) -> (@Sendable (UInt64, UInt64) -> Void)? {
+        guard bar || json else { return nil }
+        let last = Atomic<Int>(-1)
+        return { done, total in
+            let pct = total == 0 ? 100.0 : Double(done) * 100 / Double(total)
+            if bar { writeStderr("    (\(fmt2(pct))/100%)\r") }
+            if json && last.exchange(Int(pct), ordering: .relaxed) != Int(pct) {
+                let j = JSON.object([("event", .string("progress")), ("done", .uint(done)), ("total", .uint(total)),
+                                     ("percent", .double((pct * 100).rounded() / 100))])
+                writeStderr(j.compact() + "\n")
+            }
+        }
     }
 }
 
