@@ -106,6 +106,9 @@ public struct Converter: Sendable {
         let unit: UInt64
         let chunk: UInt64
         var pos: UInt64 = 0
+        /// Holes shorter than this inside a window are read (as zeros, no I/O) rather than cut around: cutting
+        /// costs a window per hole on fragmented images.
+        static let minimumSkippedHole: UInt64 = 64 << 10
 
         mutating func next(skip: (UInt64, UInt64) throws -> Void) throws -> Window? {
             let size = image.virtualSize
@@ -122,9 +125,17 @@ public struct Converter: Sendable {
                         continue
                     }
                 }
-                let len = min(chunk, size - pos)
-                defer { pos += len }
-                return Window(offset: pos, length: Int(len))
+                // A data window: up to `chunk` bytes, ending where a hole worth skipping begins.
+                let limit = min(pos + chunk, size)
+                var end = ext.end
+                while end < limit {
+                    let e = try image.extent(at: end, maxLength: limit - end)
+                    if e.readsAsZero && e.length >= Self.minimumSkippedHole { break }
+                    end = e.end
+                }
+                end = min(limit, (end + unit - 1) / unit * unit, size)
+                defer { pos = end }
+                return Window(offset: pos, length: Int(end - pos))
             }
             return nil
         }
