@@ -37,11 +37,27 @@ bench() {
 
 results="$out/results.tsv"
 : > "$results"
-for case in "mixed-zlib.qcow2:a zlib qcow2 -> raw" "mixed.qcow2:b qcow2 -> raw" "huge.qcow2:d 1 TiB sparse qcow2 -> raw"; do
-    src=${case%%:*}; label=${case#*:}
-    bench "$label|imgconv" "$IMGCONV" convert -f qcow2 -O raw "$dir/$src" "$out/target" >> "$results"
-    bench "$label|qemu-img" qemu-img convert -f qcow2 -O raw "$dir/$src" "$out/target" >> "$results"
-    bench "$label|qemu-img -m 8 -W" qemu-img convert -m 8 -W -f qcow2 -O raw "$dir/$src" "$out/target" >> "$results"
+# case label | source | source format | target format and options
+cases=(
+    "a zlib qcow2 -> raw|mixed-zlib.qcow2|qcow2|-O raw"
+    "b qcow2 -> raw|mixed.qcow2|qcow2|-O raw"
+    "c raw -> qcow2|mixed.raw|raw|-O qcow2"
+    "c raw -> qcow2 -c|mixed.raw|raw|-O qcow2 -c"
+    "c raw -> vmdk streamOptimized|mixed.raw|raw|-O vmdk -o subformat=streamOptimized"
+    "c raw -> vpc|mixed.raw|raw|-O vpc"
+    "c raw -> vdi|mixed.raw|raw|-O vdi"
+    "d 1 TiB sparse qcow2 -> raw|huge.qcow2|qcow2|-O raw"
+)
+only=${ONLY:-}
+for c in "${cases[@]}"; do
+    IFS='|' read -r label src sfmt target <<< "$c"
+    [ -z "$only" ] || [[ "$label" == *"$only"* ]] || continue
+    # shellcheck disable=SC2086
+    bench "$label|imgconv" "$IMGCONV" convert -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
+    # shellcheck disable=SC2086
+    bench "$label|qemu-img" qemu-img convert -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
+    # shellcheck disable=SC2086
+    bench "$label|qemu-img -m 8 -W" qemu-img convert -m 8 -W -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
 done
 rm -f "$out/target"
 

@@ -81,9 +81,10 @@ public protocol DiskImage: AnyObject, Sendable {
     /// extents the caller explicitly allowed.
     var files: [any ImageStorage] { get }
 
-    /// The mapping of the run that starts at `offset` (< virtualSize). Drivers may return a run that
-    /// starts before `offset`; it must contain `offset`.
-    func segment(at offset: UInt64) throws -> Segment
+    /// The mapping of the run that contains `offset` (< virtualSize). Drivers may return a run that starts
+    /// before `offset`. `end` is where the caller stops caring: drivers that merge following entries into one
+    /// run stop scanning there (an uncapped scan made every 1 MiB read walk a whole 8192-entry L2 table).
+    func segment(at offset: UInt64, until end: UInt64) throws -> Segment
     /// Decompresses one whole compressed block into `buffer` (`block.length` bytes).
     func decompress(_ block: CompressedBlock, into buffer: UnsafeMutableRawBufferPointer) throws
 
@@ -97,6 +98,9 @@ public protocol DiskImage: AnyObject, Sendable {
 }
 
 extension DiskImage {
+    /// The run containing `offset`, merged as far as the driver likes.
+    public func segment(at offset: UInt64) throws -> Segment { try segment(at: offset, until: virtualSize) }
+
     public func decompress(_ block: CompressedBlock, into buffer: UnsafeMutableRawBufferPointer) throws {
         throw ImageError.unsupported(format: format, feature: "compressed blocks")
     }
@@ -114,7 +118,7 @@ extension DiskImage {
         var pos = offset
         var scratch: [UInt8] = []
         while pos < end {
-            let seg = try segment(at: pos)
+            let seg = try segment(at: pos, until: end)
             guard seg.start <= pos, seg.start + seg.length > pos else {
                 throw ImageError.invalidField(format: format, field: "mapping", value: "\(seg.start)+\(seg.length)",
                                               reason: "driver returned a run not containing offset \(pos)")
@@ -145,9 +149,9 @@ extension DiskImage {
     public func extent(at offset: UInt64, maxLength: UInt64 = .max) throws -> Extent {
         precondition(offset < virtualSize, "extent(at:) past the virtual size")
         let limit = offset + min(maxLength, virtualSize - offset)
-        var ext = Self.extent(of: try segment(at: offset), from: offset)
+        var ext = Self.extent(of: try segment(at: offset, until: limit), from: offset)
         while ext.end < limit {
-            let next = Self.extent(of: try segment(at: ext.end), from: ext.end)
+            let next = Self.extent(of: try segment(at: ext.end, until: limit), from: ext.end)
             guard ext.canAbsorb(next) else { break }
             ext.length += next.length
         }

@@ -242,7 +242,7 @@ public final class QCOW2Image: DiskImage {
         }
     }
 
-    public func segment(at offset: UInt64) throws -> Segment {
+    public func segment(at offset: UInt64, until end: UInt64) throws -> Segment {
         if encryptionMethod != 0 {
             throw ImageError.unsupported(format: .qcow2, feature: "encryption (\(encryptionMethod == 1 ? "AES" : "LUKS"))")
         }
@@ -265,7 +265,7 @@ public final class QCOW2Image: DiskImage {
         // Extend over following clusters of the same table that continue the run (qemu's block-status does the same).
         if case .compressed = seg.mapping { return seg }
         var next = (vcl + 1)
-        while seg.start + seg.length == next << UInt64(clusterBits), next << UInt64(clusterBits) < virtualSize,
+        while seg.start + seg.length == next << UInt64(clusterBits), next << UInt64(clusterBits) < min(end, virtualSize),
               next >> UInt64(l2Bits) == UInt64(l1i) {
             let start = next << UInt64(clusterBits)
             let n = try clusterSegment(table: table, index: Int(next & UInt64(l2EntriesPerTable - 1)), clusterStart: start, offset: start)

@@ -6,7 +6,7 @@ public final class RawImage: DiskImage {
 
     public init(storage: any ImageStorage) { files = [storage] }
 
-    public func segment(at offset: UInt64) throws -> Segment {
+    public func segment(at offset: UInt64, until end: UInt64) throws -> Segment {
         let (isData, end) = try files[0].allocation(at: offset)
         let len = max(1, min(end, virtualSize) - offset)
         return Segment(start: offset, length: len, mapping: isData ? .data(file: 0, host: offset) : .zero(host: offset))

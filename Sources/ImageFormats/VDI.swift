@@ -68,18 +68,18 @@ public final class VDIImage: DiskImage {
 
     public var hasParent: Bool { parentUUID.contains { $0 != 0 } }
 
-    public func segment(at offset: UInt64) throws -> Segment {
+    public func segment(at offset: UInt64, until until_: UInt64) throws -> Segment {
         let bi = Int(offset / blockSize)
         let e = blockMap[bi]
         var end = bi + 1
         let start = UInt64(bi) * blockSize
         if e >= Self.discarded {
-            while end < blockMap.count && blockMap[end] == e && end - bi < 4096 { end += 1 }
+            while end < blockMap.count && blockMap[end] == e && UInt64(end) * blockSize < until_ { end += 1 }
             let len = min(UInt64(end) * blockSize, virtualSize) - start
             return Segment(start: start, length: len, mapping: e == Self.discarded || !hasParent ? .zero(host: nil) : .unallocated(host: nil))
         }
         let host = dataOffset + UInt64(e) * blockSize
-        while end < blockMap.count && blockMap[end] == e + UInt32(end - bi) && end - bi < 4096 { end += 1 }
+        while end < blockMap.count && blockMap[end] == e &+ UInt32(end - bi) && UInt64(end) * blockSize < until_ { end += 1 }
         let len = min(UInt64(end) * blockSize, virtualSize) - start
         try files[0].checkRange(offset: host, length: len, what: "vdi data block \(bi)")
         return Segment(start: start, length: len, mapping: .data(file: 0, host: host))

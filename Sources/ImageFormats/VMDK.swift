@@ -133,7 +133,7 @@ public final class VMDKImage: DiskImage {
         return lo
     }
 
-    public func segment(at offset: UInt64) throws -> Segment {
+    public func segment(at offset: UInt64, until end: UInt64) throws -> Segment {
         let e = extents[extentIndex(for: offset)]
         let rel = offset - e.start
         switch e.kind {
@@ -149,7 +149,7 @@ public final class VMDKImage: DiskImage {
         case let .external(name):
             throw ImageError.externalFile(format: .vmdk, kind: "an extent file", name: name)
         case let .sparse(sp):
-            var seg = try sp.segment(at: rel, files: files)
+            var seg = try sp.segment(at: rel, until: end - e.start, files: files)
             seg.start += e.start
             if case var .compressed(b) = seg.mapping {
                 b.virtualStart += e.start
@@ -365,7 +365,7 @@ public struct SparseExtent: Sendable {
     }
 
     /// The run containing `rel` (relative to the extent).
-    func segment(at rel: UInt64, files: [any ImageStorage]) throws -> Segment {
+    func segment(at rel: UInt64, until end: UInt64, files: [any ImageStorage]) throws -> Segment {
         let storage = files[fileIndex]
         let gi = rel / grainBytes
         let gdi = Int(gi / UInt64(gtes))
@@ -377,7 +377,7 @@ public struct SparseExtent: Sendable {
         var seg = try grainSegment(gt: gt, gi: gi, storage: storage)
         if case .compressed = seg.mapping { return seg }
         var next = gi + 1
-        while next * grainBytes < capacity, Int(next / UInt64(gtes)) == gdi {
+        while next * grainBytes < min(capacity, end), Int(next / UInt64(gtes)) == gdi {
             let n = try grainSegment(gt: gt, gi: next, storage: storage)
             guard QCOW2Image.continues(seg, n) else { break }
             seg.length += n.length

@@ -128,7 +128,7 @@ public final class VPCImage: DiskImage {
     /// never-opened parent on a differencing disk.
     var absent: Mapping { diskType == Self.differencing ? .unallocated(host: nil) : .zero(host: nil) }
 
-    public func segment(at offset: UInt64) throws -> Segment {
+    public func segment(at offset: UInt64, until until_: UInt64) throws -> Segment {
         if diskType == Self.fixed {
             let (isData, end) = try files[0].allocation(at: offset)
             let len = max(1, min(end, virtualSize) - offset)
@@ -141,7 +141,7 @@ public final class VPCImage: DiskImage {
         if entry == Self.unallocated {
             // Merge runs of unallocated blocks so a huge empty disk maps in few steps.
             var end = bi + 1
-            while end < bat.count && bat[end] == Self.unallocated && end - bi < 4096 { end += 1 }
+            while end < bat.count && bat[end] == Self.unallocated && UInt64(end) * blockSize < until_ { end += 1 }
             return Segment(start: blockStart, length: min(UInt64(end) * blockSize, virtualSize) - blockStart,
                            mapping: absent)
         }

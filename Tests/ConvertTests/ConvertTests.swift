@@ -32,7 +32,7 @@ final class BytesImage: DiskImage {
     let files: [any ImageStorage]
     var virtualSize: UInt64 { files[0].size }
     init(_ bytes: [UInt8]) { files = [MemoryStorage(bytes)] }
-    func segment(at offset: UInt64) throws -> Segment {
+    func segment(at offset: UInt64, until end: UInt64) throws -> Segment {
         Segment(start: 0, length: virtualSize, mapping: .data(file: 0, host: 0))
     }
     func info() -> ImageInfo { ImageInfo(filename: "bytes", format: .raw, virtualSize: virtualSize) }
