@@ -55,22 +55,29 @@ for c in "${cases[@]}"; do
     # shellcheck disable=SC2086
     bench "$label|imgconv" "$IMGCONV" convert -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
     # shellcheck disable=SC2086
+    bench "$label|imgconv -t unsafe" "$IMGCONV" convert -t unsafe -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
+    if [[ "$label" == a* ]]; then
+        # shellcheck disable=SC2086
+        bench "$label|imgconv, zlib inflate" env IMGCONV_INFLATE=zlib "$IMGCONV" convert -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
+    fi
+    # shellcheck disable=SC2086
     bench "$label|qemu-img" qemu-img convert -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
     # shellcheck disable=SC2086
     bench "$label|qemu-img -m 8 -W" qemu-img convert -m 8 -W -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
 done
 rm -f "$out/target"
 
-echo "| case | tool | wall s (median of $runs) | CPU s | peak RSS MiB | imgconv speed vs this tool (its time / imgconv time) |"
+echo "| case | tool | wall s (median of $runs) | CPU s | peak RSS MiB | peer time / imgconv time (durable; -t unsafe) |"
 echo "|---|---|---|---|---|---|"
 awk -F'\t' '{
     split($1, p, "|"); c = p[1]; t = p[2]
     if (t == "imgconv") base[c] = $2
+    if (t == "imgconv -t unsafe") ubase[c] = $2
     rows[NR] = c "\t" t "\t" $2 "\t" $3 "\t" $4
 } END {
     for (i = 1; i <= NR; i++) {
         split(rows[i], f, "\t")
-        ratio = (f[2] == "imgconv") ? "" : sprintf("%.2fx", f[3] / base[f[1]])
+        ratio = (f[2] ~ /^imgconv/) ? "" : sprintf("%.2fx; %.2fx", f[3] / base[f[1]], f[3] / ubase[f[1]])
         printf "| %s | %s | %s | %s | %s | %s |\n", f[1], f[2], f[3], f[4], f[5], ratio
     }
 }' "$results"

@@ -10,6 +10,8 @@ public struct OutputSpec: Sendable {
     public var zeroGranularity = 4096
     /// -n: write into the existing target instead of creating it.
     public var inPlace = false
+    /// fsync before the rename (the default; `-t unsafe` turns it off, as qemu-img convert's default does).
+    public var durable = true
 
     public init(format: ImageFormat) { self.format = format }
 
@@ -39,6 +41,15 @@ public struct OutputSpec: Sendable {
         case "off", "false", "no": return false
         default: throw SinkError.invalidOption("\(key)=\(value) (expected on or off)")
         }
+    }
+
+    /// -S as the unit of a block-based format: a power of two from 512 bytes to the block size (0: the block).
+    func blockUnit(_ block: Int) throws -> Int {
+        if zeroGranularity == 0 { return block }
+        guard zeroGranularity >= 512, zeroGranularity <= block, zeroGranularity & (zeroGranularity - 1) == 0 else {
+            throw SinkError.invalidOption("-S \(zeroGranularity): must be a power of two from 512 bytes to \(block) for \(format.rawValue) output")
+        }
+        return zeroGranularity
     }
 
     public func makeSink(path: String) throws -> any ImageSink {
@@ -97,12 +108,13 @@ public struct OutputSpec: Sendable {
             let sf = take("subformat") ?? "dynamic"
             guard let sub = VPCSink.Subformat(rawValue: sf) else { throw SinkError.invalidOption("subformat=\(sf) (dynamic or fixed)") }
             let force = try take("force_size").map { try flag("force_size", $0) } ?? false
-            sink = VPCSink(path: path, subformat: sub, forceSize: force)
+            sink = VPCSink(path: path, subformat: sub, forceSize: force, unit: try blockUnit(2 << 20))
         case .vdi:
             if compress { throw SinkError.invalidOption("-c: vdi output cannot be compressed") }
             let st = try take("static").map { try flag("static", $0) } ?? false
-            sink = VDISink(path: path, isStatic: st)
+            sink = VDISink(path: path, isStatic: st, unit: try blockUnit(1 << 20))
         }
+        sink.outputFile?.durable = durable
         if let unknown = o.keys.sorted().first {
             throw SinkError.invalidOption("'\(unknown)' is not an option of the \(format.rawValue) output")
         }

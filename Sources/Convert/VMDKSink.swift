@@ -195,6 +195,7 @@ public final class VMDKSink: ImageSink {
     }
 
     public func abort() { file.discard() }
+    public var outputFile: OutputFile? { file }
 }
 
 func hex8(_ v: UInt32) -> String {

@@ -11,7 +11,7 @@ public final class VPCSink: ImageSink {
     public enum Subformat: String, Sendable { case dynamic, fixed }
     public let subformat: Subformat
     public let forceSize: Bool
-    public let unit = 512
+    public let unit: Int
     let file: OutputFile
     let blockSize: UInt64 = 2 << 20
     let bitmapBytes: UInt64 = 512
@@ -21,7 +21,9 @@ public final class VPCSink: ImageSink {
     var tail: UInt64 = 0
     var footer: [UInt8] = []
 
-    public init(path: String, subformat: Subformat, forceSize: Bool) {
+    /// `unit` is the zero-detection granularity (-S, 4 KiB by default): a divisor of the 2 MiB block.
+    public init(path: String, subformat: Subformat, forceSize: Bool, unit: Int = 4096) {
+        self.unit = unit
         self.subformat = subformat
         self.forceSize = forceSize
         self.file = OutputFile(path: path)
@@ -134,6 +136,7 @@ public final class VPCSink: ImageSink {
     }
 
     public func abort() { file.discard() }
+    public var outputFile: OutputFile? { file }
 }
 
 /// Writes VDI 1.1: a 512-byte header, the block map, then 1 MiB blocks. Dynamic images allocate a block on its
@@ -141,7 +144,7 @@ public final class VPCSink: ImageSink {
 /// allocated, so memory does not grow with the disk.
 public final class VDISink: ImageSink {
     public let isStatic: Bool
-    public let unit = 512
+    public let unit: Int
     let file: OutputFile
     let blockSize: UInt64 = 1 << 20
     var virtualSize: UInt64 = 0
@@ -151,7 +154,9 @@ public final class VDISink: ImageSink {
     let bmapOffset: UInt64 = 512
     var dataOffset: UInt64 = 0
 
-    public init(path: String, isStatic: Bool) {
+    /// `unit` is the zero-detection granularity (-S, 4 KiB by default): a divisor of the 1 MiB block.
+    public init(path: String, isStatic: Bool, unit: Int = 4096) {
+        self.unit = unit
         self.isStatic = isStatic
         self.file = OutputFile(path: path)
     }
@@ -230,4 +235,5 @@ public final class VDISink: ImageSink {
     }
 
     public func abort() { file.discard() }
+    public var outputFile: OutputFile? { file }
 }

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CDeflate
 import CZlib
 import CZstd
@@ -17,13 +20,16 @@ enum Codec {
             // libdeflate inflates whole buffers 2-3x faster than zlib (BENCHMARKS.md). It needs the stream to
             // end exactly at a full block; anything else (a stream longer than one cluster, which qemu accepts
             // and truncates) falls back to zlib's streaming semantics.
-            if mustFill, let n = libdeflateInflate(kind, src, dst), n == dst.count { return n }
+            if mustFill && useLibdeflate, let n = libdeflateInflate(kind, src, dst), n == dst.count { return n }
             return try inflate(src, dst, windowBits: kind == .zlib ? 15 : -15, mustFill: mustFill)
         case .zstd: return try unzstd(src, dst, mustFill: mustFill)
         }
     }
 
     struct CodecError: Error { var reason: String }
+
+    /// IMGCONV_INFLATE=zlib turns libdeflate off, to measure what it buys (bench/convert.sh does).
+    static let useLibdeflate: Bool = getenv("IMGCONV_INFLATE").map { String(cString: $0) } != "zlib"
 
     /// Whole-buffer inflate with libdeflate; nil when it cannot produce exactly `dst.count` bytes.
     private static func libdeflateInflate(_ kind: Kind, _ src: UnsafeRawBufferPointer,

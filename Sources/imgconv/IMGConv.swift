@@ -184,6 +184,8 @@ struct ConvertCommand: ParsableCommand {
     @Flag(name: .customShort("n"), help: "Write into the existing target (raw only) instead of creating it.") var noCreate = false
     @Flag(name: .customLong("target-is-zero"), help: "With -n: the target already reads as zeros, so skipped ranges are not zeroed.")
     var targetIsZero = false
+    @Option(name: .customShort("t"), help: "Target cache mode: writeback (default: fsync before the rename, so a crash never leaves a half-written image in place) or unsafe (no fsync, as qemu-img convert's default; the rename is still atomic).")
+    var cacheMode: String = "writeback"
     @Flag(name: .customShort("p"), help: "Show a progress bar on a terminal.") var progress = false
     @Option(name: .customLong("progress"), help: "json: one JSON line per percent on standard error, for the agent.")
     var progressFormat: String?
@@ -196,6 +198,11 @@ struct ConvertCommand: ParsableCommand {
         spec.compress = compress
         spec.zeroGranularity = try OutputSpec.parseSize(sparseSize)
         spec.inPlace = noCreate
+        switch cacheMode {
+        case "writeback", "none", "directsync", "writethrough": spec.durable = true
+        case "unsafe": spec.durable = false
+        default: throw SinkError.invalidOption("-t \(cacheMode) (writeback or unsafe)")
+        }
         if targetIsZero && !noCreate { throw SinkError.invalidOption("--target-is-zero needs -n") }
         if let p = progressFormat, p != "json" { throw SinkError.invalidOption("--progress=\(p) (only json)") }
         var options = ConvertOptions()
