@@ -96,6 +96,8 @@ public struct Converter: Sendable {
     /// The result of one window: its runs, encoded, plus counters.
     struct WindowResult: @unchecked Sendable {
         var runs: [EncodedRun] = []
+        /// Zero units skipped inside the window, kept only when the target must be zeroed there (-n).
+        var zeros: [(UInt64, UInt64)] = []
         var written: UInt64 = 0
         var zeroSkipped: UInt64 = 0
     }
@@ -184,7 +186,8 @@ public struct Converter: Sendable {
                         let w = wins[i]
                         let buf = UnsafeMutableRawBufferPointer(rebasing: buffer[(i * chunk)..<(i * chunk + w.length)])
                         try image.read(into: buf, at: w.offset)
-                        slots[i] = try Self.encodeWindow(UnsafeRawBufferPointer(buf), at: w.offset, unit: unit, sink: sink)
+                        slots[i] = try Self.encodeWindow(UnsafeRawBufferPointer(buf), at: w.offset, unit: unit, sink: sink,
+                                                         keepZeros: zeroSkipped)
                     } catch {
                         firstError.withLock { if $0 == nil { $0 = error } }
                     }
@@ -212,6 +215,7 @@ public struct Converter: Sendable {
                     for (off, len) in holes { try sink.zero(at: off, length: len) }
                     for (w, r) in zip(windows, results) {
                         if cancel() { throw SinkError.cancelled }
+                        for (off, len) in r.zeros { try sink.zero(at: off, length: len) }
                         for run in r.runs { try sink.write(run) }
                         let d = w.offset + UInt64(w.length)
                         done.store(d, ordering: .relaxed)
@@ -232,7 +236,7 @@ public struct Converter: Sendable {
 
     /// Splits a window into runs of non-zero units and encodes each.
     static func encodeWindow(_ data: UnsafeRawBufferPointer, at offset: UInt64, unit: Int,
-                             sink: any ImageSink) throws -> WindowResult {
+                             sink: any ImageSink, keepZeros: Bool = false) throws -> WindowResult {
         var r = WindowResult()
         var i = 0
         var runStart = -1
@@ -248,6 +252,13 @@ public struct Converter: Sendable {
             if ZeroDetector.isZero(UnsafeRawBufferPointer(rebasing: data[i..<end])) {
                 try flush(i)
                 r.zeroSkipped += UInt64(end - i)
+                if keepZeros {
+                    if let last = r.zeros.last, last.0 + last.1 == offset + UInt64(i) {
+                        r.zeros[r.zeros.count - 1].1 += UInt64(end - i)
+                    } else {
+                        r.zeros.append((offset + UInt64(i), UInt64(end - i)))
+                    }
+                }
             } else if runStart < 0 {
                 runStart = i
             }
