@@ -47,7 +47,7 @@ public final class QCOW2Image: DiskImage {
     static let zeroFlag: UInt64 = 1
     // Incompatible feature bits.
     static let dirtyBit: UInt64 = 1 << 0
-    static let corruptBit: UInt64 = 1 << 1
+    public static let corruptBit: UInt64 = 1 << 1
     static let dataFileBit: UInt64 = 1 << 2
     public static let compressionTypeBit: UInt64 = 1 << 3
     static let extendedL2Bit: UInt64 = 1 << 4

@@ -11,6 +11,10 @@ public final class VMDKImage: DiskImage {
     public let extents: [Extent]
     /// The file holds a text descriptor rather than a sparse header.
     public let isDescriptorFile: Bool
+    /// The descriptor text (embedded or the file itself), for inspection.
+    public let descriptorText: String?
+    /// Sector of the embedded descriptor in a sparse extent (VMware and qemu always use 1).
+    let descriptorSector: UInt64
 
     /// One extent of the virtual disk, in descriptor order.
     public struct Extent: Sendable {
@@ -44,6 +48,8 @@ public final class VMDKImage: DiskImage {
             virtualSize = sparse.capacity
             var ct = sparse.isStreamOptimized ? "streamOptimized" : "monolithicSparse"
             var c: UInt32 = 0, p: UInt32 = 0xffff_ffff
+            descriptorText = sparse.embeddedDescriptor
+            descriptorSector = sparse.descriptorRange.0 / 512
             if let text = sparse.embeddedDescriptor {
                 let d = Descriptor(text: text)
                 ct = d.createType ?? ct
@@ -65,6 +71,8 @@ public final class VMDKImage: DiskImage {
         let raw = try storage.readBytes(at: 0, count: Int(storage.size), what: "vmdk descriptor")
         let text = String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
         let d = Descriptor(text: text)
+        descriptorText = text
+        descriptorSector = 0
         guard let ct = d.createType else {
             throw ImageError.invalidField(format: .vmdk, field: "createType", value: "(missing)",
                                           reason: "a descriptor must name its create type")
@@ -117,6 +125,44 @@ public final class VMDKImage: DiskImage {
         files = opened
         extents = list
         virtualSize = pos
+    }
+
+    /// What a strict reading of the descriptor objects to (the inspection step reports these).
+    public var descriptorProblems: [SafetyReason] {
+        var out: [SafetyReason] = []
+        if !isDescriptorFile && descriptorText != nil && descriptorSector != 1 {
+            out.append(SafetyReason("vmdk-descriptor", "wrong descriptor location: sector \(descriptorSector), expected 1"))
+        }
+        guard let text = descriptorText else { return out }
+        var sawCreateType = false
+        var extents = 0
+        for raw in text.split(whereSeparator: { $0 == "\n" || $0 == "\r" }) {
+            let line = raw.trimmingSpaces()
+            if line.isEmpty || line.hasPrefix("#") { continue }
+            let first = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).first.map { $0.uppercased() } ?? ""
+            if ["RW", "RDONLY", "NOACCESS"].contains(first) {
+                guard let e = Descriptor.parseExtent(first + line.dropFirst(first.count)) else {
+                    out.append(SafetyReason("vmdk-descriptor", "invalid descriptor data: extent line '\(line)'"))
+                    continue
+                }
+                extents += 1
+                // Whatever token names the file (quoted, or bare where the type is missing), no path may appear.
+                let rest = "\(e.type) \(e.fileName)"
+                if rest.contains("/") || rest.contains("\\") || rest.contains("..") {
+                    out.append(SafetyReason("vmdk-extent", "extent filenames may not name paths: '\(line)'"))
+                }
+                continue
+            }
+            if line.contains("=") {
+                if line.hasPrefix("createType") { sawCreateType = true }
+                continue
+            }
+            if line.lowercased().hasPrefix("ddb") { continue }
+            out.append(SafetyReason("vmdk-descriptor", "invalid descriptor data: '\(line)'"))
+        }
+        if !sawCreateType { out.append(SafetyReason("vmdk-create-type", "unsupported subformat: the descriptor has no createType")) }
+        if extents == 0 { out.append(SafetyReason("vmdk-descriptor", "no extents found in the descriptor")) }
+        return out
     }
 
     /// A name that stays in the descriptor's own directory.
@@ -276,7 +322,7 @@ public struct SparseExtent: Sendable {
     public let gtes: Int
     public let gdOffset: UInt64
     public let embeddedDescriptor: String?
-    let descriptorRange: (UInt64, UInt64)
+    public let descriptorRange: (UInt64, UInt64)
     let gd: [UInt32]
     let gtCache: TableCache<[UInt32]>
     var isStreamOptimized: Bool { isCompressed && hasMarkers }
@@ -303,8 +349,19 @@ public struct SparseExtent: Sendable {
                   tail.le32(1024 + 8) == 0, tail.le32(1024 + 12) == 0 else {
                 throw invalid("footer", "at \(size - 1536)", "the footer marker, footer or end-of-stream marker is missing")
             }
-            h = Array(tail[512..<1024])
-            guard h.le64(56) != Self.gdAtEnd else { throw invalid("footer gdOffset", "GD_AT_END", "the footer must hold the real offset") }
+            guard tail[16..<512].allSatisfy({ $0 == 0 }), tail[(1024 + 16)...].allSatisfy({ $0 == 0 }) else {
+                throw invalid("footer", "markers", "the footer and end-of-stream markers must be zero-padded")
+            }
+            let footer = Array(tail[512..<1024])
+            guard footer.le64(56) != Self.gdAtEnd else {
+                throw invalid("footer gdOffset", "GD_AT_END", "the footer must hold the real offset, not point to another footer")
+            }
+            // The footer repeats the header: a different version or descriptor location is a second, hidden header.
+            guard footer.le32(4) == h.le32(4) else { throw invalid("footer version", footer.le32(4), "differs from the header's \(h.le32(4))") }
+            guard footer.le64(28) == h.le64(28), footer.le64(36) == h.le64(36) else {
+                throw invalid("footer descriptor", "\(footer.le64(28))+\(footer.le64(36))", "differs from the header's descriptor location")
+            }
+            h = footer
         }
         flags = h.le32(8)
         let capSectors = h.le64(12)
@@ -331,10 +388,15 @@ public struct SparseExtent: Sendable {
         capacity = cap
         // The embedded descriptor (monolithicSparse / streamOptimized).
         if descOffset != 0 && descSize != 0 {
-            guard descSize <= VMDKImage.descriptorLimit / 512 else {
-                throw ImageError.limitExceeded(format: .vmdk, field: "descriptorSize", value: descSize, limit: VMDKImage.descriptorLimit / 512)
+            // Only the first 64 KiB are read, whatever descriptorSize claims: real descriptors are under 1 KiB,
+            // and a forged size must not cost memory (the structural check still sees the whole claimed range).
+            let (descEnd, of) = (descOffset * 512).addingReportingOverflow(descSize * 512)
+            guard !of, descOffset < UInt64.max / 512, descSize < UInt64.max / 512, descEnd <= storage.size else {
+                throw ImageError.pastEndOfFile(what: "vmdk embedded descriptor", offset: descOffset &* 512,
+                                               length: descSize &* 512, fileSize: storage.size)
             }
-            let bytes = try storage.readBytes(at: descOffset * 512, count: Int(descSize * 512), what: "vmdk embedded descriptor")
+            let bytes = try storage.readBytes(at: descOffset * 512, count: Int(min(descSize * 512, 64 << 10)),
+                                              what: "vmdk embedded descriptor")
             embeddedDescriptor = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
             descriptorRange = (descOffset * 512, descSize * 512)
         } else {

@@ -9,6 +9,8 @@ public final class VPCImage: DiskImage {
     public let footerChecksumValid: Bool
     public let parentName: String?
     public let parentUUID: [UInt8]?
+    /// Any of the eight parent locator entries is in use (they hold host paths of the parent).
+    public let hasParentLocators: Bool
     /// Dynamic and differencing disks.
     let blockSize: UInt64
     let bitmapBytes: UInt64
@@ -86,7 +88,7 @@ public final class VPCImage: DiskImage {
                 throw ImageError.pastEndOfFile(what: "vhd fixed disk data", offset: 0, length: virtualSize, fileSize: size)
             }
             blockSize = 0; bitmapBytes = 0; bat = []; batOffset = 0; dynamicHeaderOffset = 0
-            parentName = nil; parentUUID = nil
+            parentName = nil; parentUUID = nil; hasParentLocators = false
             bitmapCache = TableCache(capacityBytes: 0, tableBytes: 1)
             return
         }
@@ -113,6 +115,7 @@ public final class VPCImage: DiskImage {
         try storage.checkRange(offset: batOffset, length: entries * 4, what: "vhd block allocation table")
         let raw = try storage.readBytes(at: batOffset, count: needed * 4, what: "vhd block allocation table")
         bat = (0..<needed).map { raw.be32($0 * 4) }
+        hasParentLocators = (0..<8).contains { d.be32(576 + $0 * 24) != 0 }
         if diskType == Self.differencing {
             parentUUID = Array(d[40..<56])
             var units: [UInt16] = []

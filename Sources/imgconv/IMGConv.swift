@@ -13,7 +13,7 @@ struct IMGConv: ParsableCommand {
         commandName: "imgconv",
         abstract: "Inspect and convert disk images (raw, qcow2, vmdk, vpc/vhd, vdi) natively and safely.",
         discussion: "Command lines and JSON follow qemu-img's, so tools that parse qemu-img can use imgconv instead.",
-        subcommands: [Info.self, MapCommand.self, Check.self, ConvertCommand.self]
+        subcommands: [Info.self, MapCommand.self, Check.self, ConvertCommand.self, Inspect.self]
     )
 
     static func main() {
@@ -65,11 +65,16 @@ struct SourceOptions: ParsableArguments {
     @Flag(name: .customShort("U"), help: "Accepted for qemu-img compatibility; imgconv never locks images.")
     var forceShare = false
 
-    func open(_ path: String) throws -> any DiskImage {
-        let declared = try format.map { try ImageFormat(name: $0) }
+    var openOptions: OpenOptions {
         var o = OpenOptions()
         o.allowVMDKExtentFiles = allowExtentFiles
-        return try ImageOpener.open(path: path, declared: declared, options: o)
+        return o
+    }
+
+    var declared: ImageFormat? { get throws { try format.map { try ImageFormat(name: $0) } } }
+
+    func open(_ path: String) throws -> any DiskImage {
+        try ImageOpener.open(path: path, declared: try declared, options: openOptions)
     }
 }
 
@@ -84,10 +89,46 @@ struct Info: ParsableCommand {
         let image = try source.open(file)
         var info = image.info()
         info.filename = file
+        let verdict = ImageInspector.inspect(path: file, declared: try source.declared, options: source.openOptions).verdict
         switch output {
-        case .json: print(info.json.pretty())
-        case .human: print(info.human, terminator: "")
+        case .json:
+            // qemu-img's keys, plus "safety": a tool that parses qemu-img's JSON ignores it.
+            guard case var .object(pairs) = info.json else { return }
+            pairs.append(("safety", verdict.json))
+            print(JSON.object(pairs).pretty())
+        case .human:
+            print(info.human, terminator: "")
+            print("safety: " + (verdict.safe ? "safe" : "UNSAFE"))
+            for r in verdict.reasons { print("    \(r)") }
         }
+    }
+}
+
+struct Inspect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Decide whether an image is safe to convert: the inspection every conversion runs first.",
+        discussion: "Exit 0 when safe, 4 when unsafe (each reason on its own line), 1 when the file cannot be read.")
+    @OptionGroup var source: SourceOptions
+    @Option(name: .customLong("output"), help: "human or json.") var output: OutputFormat = .human
+    @Argument(help: "The image file.") var file: String
+
+    func run() throws {
+        let (v, _) = ImageInspector.inspect(path: file, declared: try source.declared, options: source.openOptions)
+        switch output {
+        case .json:
+            var pairs: [(String, JSON)] = [("filename", .string(file))]
+            if let f = v.detected { pairs.append(("format", .string(f.rawValue))) }
+            if let s = v.virtualSize { pairs.append(("virtual-size", .uint(s))) }
+            pairs.append(("signatures", .array(v.signatures.map { .string($0) })))
+            pairs.append(("safety", v.json))
+            print(JSON.object(pairs).pretty())
+        case .human:
+            print("\(file): \(v.detected?.rawValue ?? "unknown")" + (v.virtualSize.map { ", \($0) bytes" } ?? "") + ": "
+                  + (v.safe ? "safe" : "UNSAFE"))
+            for r in v.reasons { print("    \(r)") }
+        }
+        if v.reasons.contains(where: { $0.code == "unreadable" }) { throw ExitCode(1) }
+        if !v.safe { throw ExitCode(4) }
     }
 }
 
@@ -189,6 +230,8 @@ struct ConvertCommand: ParsableCommand {
     @Flag(name: .customShort("p"), help: "Show a progress bar on a terminal.") var progress = false
     @Option(name: .customLong("progress"), help: "json: one JSON line per percent on standard error, for the agent.")
     var progressFormat: String?
+    @Flag(name: .customLong("trusted"), help: "Convert even if the inspection finds the image unsafe (for trusted local files). Backing files, data files and parents are still never opened.")
+    var trusted = false
     @Argument(help: "The source image.") var src: String
     @Argument(help: "The output file.") var dst: String
 
@@ -209,7 +252,19 @@ struct ConvertCommand: ParsableCommand {
         if let workers { options.workers = workers }
         options.zeroSkippedRanges = noCreate && !targetIsZero
         let sink = try spec.makeSink(path: dst)
-        let image = try source.open(src)
+        // Every image is hostile until inspected.
+        let image: any DiskImage
+        if trusted {
+            image = try source.open(src)
+        } else {
+            let (verdict, opened) = ImageInspector.inspect(path: src, declared: try source.declared, options: source.openOptions)
+            guard verdict.safe, let opened else {
+                let lines = verdict.reasons.map { "  \($0)" }.joined(separator: "\n")
+                throw SinkError.unsupportedOutput("refusing to convert '\(src)': the image is not safe:\n\(lines)\n"
+                                                  + "(--trusted converts a trusted local file anyway)")
+            }
+            image = opened
+        }
         // Catch SIGINT/SIGTERM, and unblock them: a parent may have started us with them blocked.
         signal(SIGINT, onInterrupt)
         signal(SIGTERM, onInterrupt)

@@ -97,7 +97,13 @@ struct CLITests {
         let r = try run([imgconvBinary, "convert", "-O", "raw", samples + "/vmdk-monolithic-flat.vmdk", "/tmp/imgconv-never.raw"],
                         allowFailure: true)
         #expect(r.status == 1)
-        #expect(r.err.contains("never opens by default"))
+        #expect(r.err.contains("not safe"))
+        #expect(r.err.contains("vmdk-create-type"))
+        // Trusted, extents still need their own permission.
+        let t = try run([imgconvBinary, "convert", "--trusted", "-O", "raw", samples + "/vmdk-monolithic-flat.vmdk",
+                         "/tmp/imgconv-never.raw"], allowFailure: true)
+        #expect(t.status == 1)
+        #expect(t.err.contains("never opens by default"))
         // info still reports the descriptor and its extents.
         let info = try run([imgconvBinary, "info", samples + "/vmdk-monolithic-flat.vmdk"]).out
         #expect(info.contains("create type: monolithicFlat"))
