@@ -3,6 +3,7 @@
 //
 // Layering (arrows point one way):  imgconv (CLI) -> Convert -> ImageFormats -> CZlib/CZstd
 // ImageFormats depends on no networking, Ceph or daemon code so it can be fuzzed and reused.
+import Foundation
 import PackageDescription
 
 let gnuSource: [SwiftSetting] = [.unsafeFlags(["-Xcc", "-D_GNU_SOURCE"])]
@@ -43,8 +44,17 @@ let package = Package(
             ],
             swiftSettings: gnuSource
         ),
-        .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats"]),
+        .target(name: "FuzzKit", dependencies: ["ImageFormats"]),
+        .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "FuzzKit"]),
         .testTarget(name: "ConvertTests", dependencies: ["Convert", "ImageFormats"]),
         .testTarget(name: "imgconvTests", dependencies: ["Convert", "ImageFormats", "imgconv"]),
     ]
 )
+
+// libFuzzer harnesses (fuzz/run.sh sets IMGCONV_FUZZ=1): executables without a main, which only link with
+// -sanitize=fuzzer, so ordinary builds leave them out.
+if ProcessInfo.processInfo.environment["IMGCONV_FUZZ"] == "1" {
+    for name in ["FuzzQCOW2", "FuzzVMDK", "FuzzVPC", "FuzzVDI", "FuzzDetect"] {
+        package.targets.append(.executableTarget(name: name, dependencies: ["FuzzKit", "ImageFormats"]))
+    }
+}

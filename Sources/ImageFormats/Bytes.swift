@@ -25,6 +25,11 @@ extension Array where Element == UInt8 {
     }
 }
 
+/// Whether `offset ..< offset+length` lies inside `size` bytes, without overflowing on forged values.
+@inline(__always) func fits(_ offset: UInt64, _ length: UInt64, in size: UInt64) -> Bool {
+    offset <= size && length <= size - offset
+}
+
 @inline(__always) func divRoundUp(_ a: UInt64, _ b: UInt64) -> UInt64 { a / b + (a % b == 0 ? 0 : 1) }
 @inline(__always) func isPowerOfTwo(_ v: UInt64) -> Bool { v != 0 && v & (v - 1) == 0 }
 

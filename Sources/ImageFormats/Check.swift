@@ -20,14 +20,17 @@ public struct CheckResult: Sendable {
         self.format = format
     }
 
-    public mutating func corruption(_ message: String) {
+    /// Messages kept (counters go on): a forged image can produce millions, and building them costs time.
+    public static let maxMessages = 200
+
+    public mutating func corruption(_ message: @autoclosure () -> String) {
         corruptions += 1
-        messages.append("ERROR \(message)")
+        if messages.count < Self.maxMessages { messages.append("ERROR \(message())") }
     }
 
-    public mutating func leak(_ message: String) {
+    public mutating func leak(_ message: @autoclosure () -> String) {
         leaks += 1
-        messages.append("Leaked \(message)")
+        if messages.count < Self.maxMessages { messages.append("Leaked \(message())") }
     }
 
     /// 0 clean, 2 corrupt, 3 leaks only, 1 the check itself failed: as qemu-img check.
@@ -85,28 +88,36 @@ func fmt2(_ d: Double) -> String {
 }
 
 /// Finds host ranges that overlap or pass the end of the file: the structural check every format shares.
+/// Ranges are named by a static kind and an index, so adding one costs no string building (a forged image can
+/// add millions).
 public struct HostRangeChecker {
-    public struct Range { var offset: UInt64; var length: UInt64; var what: String }
+    public struct Range {
+        var offset: UInt64
+        var length: UInt64
+        var kind: StaticString
+        var index: Int
+        var name: String { index < 0 ? "\(kind)" : "\(kind) \(index)" }
+    }
     private var ranges: [Range] = []
     public let fileSize: UInt64
 
     public init(fileSize: UInt64) { self.fileSize = fileSize }
 
-    public mutating func add(_ what: String, offset: UInt64, length: UInt64) {
-        ranges.append(Range(offset: offset, length: length, what: what))
+    public mutating func add(_ kind: StaticString, _ index: Int = -1, offset: UInt64, length: UInt64) {
+        ranges.append(Range(offset: offset, length: length, kind: kind, index: index))
     }
 
     /// Reports each range past the end of the file and each overlap between two ranges.
     public func report(into result: inout CheckResult) {
         for r in ranges where r.offset > fileSize || r.length > fileSize - r.offset {
-            result.corruption("\(r.what) at offset \(r.offset) (length \(r.length)) lies past the end of the file (\(fileSize) bytes)")
+            result.corruption("\(r.name) at offset \(r.offset) (length \(r.length)) lies past the end of the file (\(fileSize) bytes)")
         }
         let sorted = ranges.filter { $0.length > 0 }.sorted { $0.offset < $1.offset }
         var maxEnd: UInt64 = 0
         var owner: Range?
         for r in sorted {
             if let o = owner, r.offset < maxEnd {
-                result.corruption("\(r.what) at offset \(r.offset) overlaps \(o.what) at offset \(o.offset)")
+                result.corruption("\(r.name) at offset \(r.offset) overlaps \(o.name) at offset \(o.offset)")
             }
             if r.offset &+ r.length > maxEnd {
                 maxEnd = r.offset &+ r.length

@@ -37,11 +37,8 @@ public enum FormatDetector {
         // qemu pads descriptors it writes with NULs to a sector: text, then nothing but NULs.
         let textEnd = head.firstIndex(of: 0) ?? head.count
         guard textEnd > 0, head[textEnd...].allSatisfy({ $0 == 0 }) else { return false }
-        let text = String(decoding: head[..<textEnd], as: UTF8.self)
         var sawVersion = false
-        for raw in text.split(whereSeparator: { $0 == "\n" || $0 == "\r" }) {
-            let line = raw.trimmingSpaces()
-            if line.isEmpty || line.hasPrefix("#") { continue }
+        for line in descriptorLines(head, upTo: textEnd) {
             if !sawVersion {
                 guard line.hasPrefix("version=") || line.hasPrefix("version =") else { return false }
                 sawVersion = true
@@ -50,6 +47,26 @@ public enum FormatDetector {
             if line.hasPrefix("createType") { return true }
         }
         return false
+    }
+}
+
+/// The meaningful lines of a text descriptor (trimmed; no blanks, no `#` comments), split at byte level: a
+/// hostile 64 KiB descriptor must not cost Character-by-Character work.
+func descriptorLines(_ bytes: [UInt8], upTo end: Int? = nil) -> [String] {
+    let n = min(end ?? bytes.count, bytes.count)
+    return bytes.withUnsafeBufferPointer { u in
+    var out: [String] = []
+    var i = 0
+    while i < n {
+        var j = i
+        while j < n && u[j] != 10 && u[j] != 13 { j += 1 }
+        var a = i, b = j
+        while a < b && (u[a] == 32 || u[a] == 9) { a += 1 }
+        while b > a && (u[b - 1] == 32 || u[b - 1] == 9) { b -= 1 }
+        if a < b && u[a] != 35 { out.append(String(decoding: UnsafeBufferPointer(rebasing: u[a..<b]), as: UTF8.self)) }
+        i = j + 1
+    }
+    return out
     }
 }
 

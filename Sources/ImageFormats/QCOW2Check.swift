@@ -10,24 +10,31 @@ struct QCOW2Checker {
     let fileClusters: Int
     /// The most host clusters one check will count (256 Mi clusters: 1 GiB of counters).
     static let maxClusters = 1 << 28
+    /// L2 entries left to walk. Legitimate images walk each L2 table once per L1 table that holds it (the
+    /// active one and each snapshot's); forged ones can point thousands of L1 entries or snapshots at one
+    /// table. The budget, 16 walks of every 8 bytes of the file (at least 1 Mi entries), bounds the time.
+    var workLeft: Int
+    var visitedL1: Set<UInt64> = []
 
     init(image: QCOW2Image) {
         self.image = image
         result = CheckResult(filename: image.files[0].name, format: .qcow2)
         fileClusters = Int(divRoundUp(image.files[0].size, image.clusterSize))
+        workLeft = max(1 << 20, Int(min(image.files[0].size / 8, UInt64(Int.max / 32))) * 16)
     }
 
     var cs: UInt64 { image.clusterSize }
     var fileSize: UInt64 { image.files[0].size }
 
     /// Counts one reference to every cluster in `offset ..< offset+length`.
-    mutating func reference(_ what: String, offset: UInt64, length: UInt64) {
+    mutating func reference(_ what: @autoclosure () -> String, offset: UInt64, length: UInt64) {
         guard length > 0 else { return }
         // A cluster counts as inside the file if any of it is: qemu extends a file only as far as it wrote
         // (extended L2 subclusters, the last compressed sector).
         let (end, overflow) = offset.addingReportingOverflow(length)
         if overflow || (end - 1) / cs >= UInt64(fileClusters) {
-            result.corruption("\(what) at offset \(offset) (length \(length)) lies past the end of the file (\(fileSize) bytes)")
+            let size = fileSize, name = what()
+            result.corruption("\(name) at offset \(offset) (length \(length)) lies past the end of the file (\(size) bytes)")
             return
         }
         let first = Int(offset / cs), last = Int((end - 1) / cs)
@@ -46,12 +53,12 @@ struct QCOW2Checker {
 
         reference("header", offset: 0, length: cs)
         try walkL1(image.l1.map { $0 }, l1Offset: image.l1Offset, l1Size: UInt32(image.l1.count), label: "active", stats: true)
-        for s in image.snapshots {
+        for s in image.snapshots where workLeft >= 0 {
             guard s.l1Offset % cs == 0, UInt64(s.l1Size) * 8 <= QCOW2Image.maxL1Bytes else {
                 result.corruption("snapshot \(s.info.id): L1 table at \(s.l1Offset) with \(s.l1Size) entries is invalid")
                 continue
             }
-            guard s.l1Offset + UInt64(s.l1Size) * 8 <= fileSize else {
+            guard fits(s.l1Offset, UInt64(s.l1Size) * 8, in: fileSize) else {
                 result.corruption("snapshot \(s.info.id): L1 table at \(s.l1Offset) lies past the end of the file")
                 continue
             }
@@ -62,6 +69,7 @@ struct QCOW2Checker {
         if !image.snapshots.isEmpty {
             reference("snapshot table", offset: image.snapshotsOffset, length: image.snapshotsTableSize)
         }
+        if workLeft < 0 { return result }
         try walkBitmaps()
         try loadStoredRefcounts()
         compare()
@@ -72,36 +80,51 @@ struct QCOW2Checker {
     /// References an L1 table, its L2 tables and their clusters; with `stats`, fills the allocation counters.
     mutating func walkL1(_ l1: [UInt64], l1Offset: UInt64, l1Size: UInt32, label: String, stats: Bool) throws {
         reference("\(label) L1 table", offset: l1Offset, length: UInt64(l1Size) * 8)
+        if l1Size > 0 && !visitedL1.insert(l1Offset).inserted {
+            result.corruption("\(label) L1 table at offset \(l1Offset) is also another snapshot's L1 table")
+            return
+        }
         var allocated: UInt64 = 0, fragmented: UInt64 = 0, compressed: UInt64 = 0
         var nextContiguous: UInt64 = 0
+        var seenL2 = Set<UInt64>()
         for (i, e) in l1.enumerated() {
             let l2 = e & QCOW2Image.l1OffsetMask
             if l2 == 0 { continue }
+            if !seenL2.insert(l2).inserted {
+                result.corruption("\(label) L1 entry \(i): L2 table at offset \(l2) is already used by another entry")
+                continue
+            }
             if l2 % cs != 0 {
                 result.corruption("\(label) L1 entry \(i): L2 table offset 0x\(String(l2, radix: 16)) is not cluster-aligned")
                 continue
             }
-            if l2 + cs > fileSize {
+            if !fits(l2, cs, in: fileSize) {
                 result.corruption("\(label) L1 entry \(i): L2 table at offset \(l2) lies past the end of the file")
                 continue
             }
             reference("\(label) L2 table", offset: l2, length: cs)
             nextContiguous = 0  // qemu counts fragmentation within one L2 table
             let table = try image.l2Table(at: l2)
+            workLeft -= table.count
+            if workLeft < 0 {
+                result.checkErrors += 1
+                result.messages.append("the metadata references more L2 tables than a file of \(fileSize) bytes can hold: stopped (hostile or corrupt image)")
+                return
+            }
             let stride = image.extendedL2 ? 2 : 1
             for j in 0..<(table.count / stride) {
                 let entry = table[j * stride]
-                let where_ = "\(label) L2 entry \(i):\(j)"
+                func where_() -> String { "\(label) L2 entry \(i):\(j)" }
                 if entry & QCOW2Image.compressedFlag != 0 {
                     if entry & QCOW2Image.copiedFlag != 0 {
-                        result.corruption("\(where_): compressed cluster has the COPIED flag set")
+                        result.corruption("\(where_()): compressed cluster has the COPIED flag set")
                     }
                     let shift = UInt64(62 - (image.clusterBits - 8))
                     let mask = (UInt64(1) << UInt64(image.clusterBits - 8)) - 1
                     let host = entry & ((UInt64(1) << shift) - 1)
                     let size = (((entry >> shift) & mask) + 1) * 512 - (host & 511)
                     // The last sector of the file may be partial.
-                    reference("\(where_) compressed cluster", offset: host, length: size)
+                    reference("\(where_()) compressed cluster", offset: host, length: size)
                     allocated += 1; compressed += 1; fragmented += 1
                     nextContiguous = 0
                     continue
@@ -110,16 +133,16 @@ struct QCOW2Checker {
                 if image.extendedL2 {
                     let bitmap = table[j * 2 + 1]
                     if UInt32(truncatingIfNeeded: bitmap) & UInt32(truncatingIfNeeded: bitmap >> 32) != 0 {
-                        result.corruption("\(where_): subcluster bitmap 0x\(String(bitmap, radix: 16)) is corrupt")
+                        result.corruption("\(where_()): subcluster bitmap 0x\(String(bitmap, radix: 16)) is corrupt")
                     }
                 }
                 guard host != 0 else { continue }
                 if host % cs != 0 {
-                    result.corruption("\(where_): cluster offset 0x\(String(host, radix: 16)) is not cluster-aligned")
+                    result.corruption("\(where_()): cluster offset 0x\(String(host, radix: 16)) is not cluster-aligned")
                     continue
                 }
                 if image.dataFile != nil { continue }  // data clusters live in the external file
-                reference("\(where_) data cluster", offset: host, length: cs)
+                reference("\(where_()) data cluster", offset: host, length: cs)
                 allocated += 1
                 if nextContiguous != 0 && host != nextContiguous { fragmented += 1 }
                 nextContiguous = host + cs
@@ -135,7 +158,7 @@ struct QCOW2Checker {
     /// Persistent dirty bitmaps: the directory, each bitmap table and the clusters it points to.
     mutating func walkBitmaps() throws {
         guard let dir = image.bitmapDirectory, image.autoclearFeatures & 1 != 0 else { return }
-        guard dir.size <= 64 << 20, dir.offset + dir.size <= fileSize else {
+        guard dir.size <= 64 << 20, fits(dir.offset, dir.size, in: fileSize) else {
             result.corruption("bitmap directory at \(dir.offset) (size \(dir.size)) is invalid")
             return
         }
@@ -146,7 +169,7 @@ struct QCOW2Checker {
             guard o + 24 <= d.count else { result.corruption("bitmap directory is truncated"); return }
             let tableOffset = d.be64(o), tableSize = UInt64(d.be32(o + 8))
             let nameSize = Int(d.be16(o + 18)), extra = Int(d.be32(o + 20))
-            if tableSize * 8 > 64 << 20 || tableOffset + tableSize * 8 > fileSize {
+            if tableSize * 8 > 64 << 20 || !fits(tableOffset, tableSize * 8, in: fileSize) {
                 result.corruption("bitmap table at \(tableOffset) with \(tableSize) entries is invalid")
             } else {
                 reference("bitmap table", offset: tableOffset, length: tableSize * 8)
@@ -174,7 +197,7 @@ struct QCOW2Checker {
                 result.corruption("refcount block \(i) offset 0x\(String(block, radix: 16)) is not cluster-aligned")
                 continue
             }
-            if block + cs > fileSize {
+            if !fits(block, cs, in: fileSize) {
                 result.corruption("refcount block \(i) at offset \(block) is outside the image")
                 continue
             }
@@ -219,7 +242,7 @@ struct QCOW2Checker {
     mutating func checkCopiedFlags() throws {
         for (i, e) in image.l1.enumerated() {
             let l2 = e & QCOW2Image.l1OffsetMask
-            guard l2 != 0, l2 % cs == 0, l2 + cs <= fileSize else { continue }
+            guard l2 != 0, l2 % cs == 0, fits(l2, cs, in: fileSize) else { continue }
             let rc = stored[Int(l2 / cs)]
             if (rc == 1) != (e & QCOW2Image.copiedFlag != 0) {
                 result.corruption("OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(String(e, radix: 16)) refcount=\(rc)")

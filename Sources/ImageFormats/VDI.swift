@@ -100,7 +100,7 @@ public final class VDIImage: DiskImage {
         var seen = Set<UInt32>()
         for (i, e) in blockMap.enumerated() where e < Self.discarded {
             if !seen.insert(e).inserted { r.corruption("block \(i) maps to data block \(e), which another block also uses") }
-            ranges.add("data block \(i)", offset: dataOffset + UInt64(e) * blockSize, length: blockSize)
+            ranges.add("data block", i, offset: dataOffset + UInt64(e) * blockSize, length: blockSize)
         }
         ranges.report(into: &r)
         return r

@@ -32,7 +32,8 @@ public final class VMDKImage: DiskImage {
         public var fileName: String
     }
 
-    static let descriptorLimit: UInt64 = 1 << 20
+    /// Real descriptors are a few KiB (512 extents of a 1 TiB twoGbMaxExtent image: ~25 KiB).
+    static let descriptorLimit: UInt64 = 64 << 10
 
     public init(storage: any ImageStorage, options: OpenOptions = OpenOptions(),
                 extentOpener: ((String) throws -> any ImageStorage)? = nil) throws {
@@ -111,7 +112,12 @@ public final class VMDKImage: DiskImage {
                         }
                         kind = .sparse(sp)
                     } else {
-                        kind = .flat(file: idx, offset: line.offsetSectors * 512)
+                        let (base, of) = line.offsetSectors.multipliedReportingOverflow(by: 512)
+                        guard !of, fits(base, bytes, in: s.size) else {
+                            throw ImageError.pastEndOfFile(what: "vmdk flat extent '\(line.fileName)'", offset: base,
+                                                           length: bytes, fileSize: s.size)
+                        }
+                        kind = .flat(file: idx, offset: base)
                     }
                 }
             default:
@@ -136,9 +142,7 @@ public final class VMDKImage: DiskImage {
         guard let text = descriptorText else { return out }
         var sawCreateType = false
         var extents = 0
-        for raw in text.split(whereSeparator: { $0 == "\n" || $0 == "\r" }) {
-            let line = raw.trimmingSpaces()
-            if line.isEmpty || line.hasPrefix("#") { continue }
+        for line in descriptorLines(Array(text.utf8)) {
             let first = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).first.map { $0.uppercased() } ?? ""
             if ["RW", "RDONLY", "NOACCESS"].contains(first) {
                 guard let e = Descriptor.parseExtent(first + line.dropFirst(first.count)) else {
@@ -247,7 +251,7 @@ public final class VMDKImage: DiskImage {
             switch e.kind {
             case let .sparse(sp): try sp.check(file: files[sp.fileIndex], into: &r)
             case let .flat(file, offset):
-                if offset + e.length > files[file].size {
+                if !fits(offset, e.length, in: files[file].size) {
                     r.corruption("flat extent '\(e.fileName)' needs \(offset + e.length) bytes but the file has \(files[file].size)")
                 }
             case .zero, .external: break
@@ -266,9 +270,7 @@ struct Descriptor {
     var extents: [ExtentLine] = []
 
     init(text: String) {
-        for raw in text.split(whereSeparator: { $0 == "\n" || $0 == "\r" }) {
-            let line = raw.trimmingSpaces()
-            if line.isEmpty || line.hasPrefix("#") { continue }
+        for line in descriptorLines(Array(text.utf8)) {
             if line.hasPrefix("RW ") || line.hasPrefix("RDONLY ") || line.hasPrefix("NOACCESS ") {
                 if let e = Self.parseExtent(line) { extents.append(e) }
                 continue
@@ -390,8 +392,8 @@ public struct SparseExtent: Sendable {
         if descOffset != 0 && descSize != 0 {
             // Only the first 64 KiB are read, whatever descriptorSize claims: real descriptors are under 1 KiB,
             // and a forged size must not cost memory (the structural check still sees the whole claimed range).
-            let (descEnd, of) = (descOffset * 512).addingReportingOverflow(descSize * 512)
-            guard !of, descOffset < UInt64.max / 512, descSize < UInt64.max / 512, descEnd <= storage.size else {
+            guard descOffset < UInt64.max / 512, descSize < UInt64.max / 512,
+                  fits(descOffset * 512, descSize * 512, in: storage.size) else {
                 throw ImageError.pastEndOfFile(what: "vmdk embedded descriptor", offset: descOffset &* 512,
                                                length: descSize &* 512, fileSize: storage.size)
             }
@@ -493,10 +495,16 @@ public struct SparseExtent: Sendable {
         ranges.add("header", offset: 0, length: 512)
         if descriptorRange.1 > 0 { ranges.add("embedded descriptor", offset: descriptorRange.0, length: descriptorRange.1) }
         ranges.add("grain directory", offset: gdOffset * 512, length: UInt64(gd.count) * 4)
+        var seenGT = Set<UInt32>()
         for (gdi, entry) in gd.enumerated() where entry != 0 {
             let gtOff = UInt64(entry) * 512
-            ranges.add("grain table \(gdi)", offset: gtOff, length: UInt64(gtes) * 4)
-            guard gtOff + UInt64(gtes) * 4 <= storage.size else { continue }
+            // Each grain table once: forged directories point every entry at one table to multiply the work.
+            if !seenGT.insert(entry).inserted {
+                r.corruption("grain directory entry \(gdi) reuses the grain table at offset \(gtOff)")
+                continue
+            }
+            ranges.add("grain table", gdi, offset: gtOff, length: UInt64(gtes) * 4)
+            guard fits(gtOff, UInt64(gtes) * 4, in: storage.size) else { continue }
             let gt = try grainTable(gdi, storage: storage)
             for (k, gte) in gt.enumerated() where gte != 0 && !(gte == 1 && zeroedGrainFlag) {
                 let gi = UInt64(gdi * gtes + k)
@@ -507,12 +515,12 @@ public struct SparseExtent: Sendable {
                 if isCompressed {
                     do {
                         let (off, size) = try compressedRange(host: host, storage: storage)
-                        ranges.add("compressed grain \(gi)", offset: host, length: off - host + size)
+                        ranges.add("compressed grain", Int(gi), offset: host, length: off - host + size)
                     } catch {
                         r.corruption("compressed grain \(gi) at offset \(host): \(error)")
                     }
                 } else {
-                    ranges.add("grain \(gi)", offset: host, length: min(grainBytes, capacity - gi * grainBytes))
+                    ranges.add("grain", Int(gi), offset: host, length: min(grainBytes, capacity - gi * grainBytes))
                 }
             }
         }

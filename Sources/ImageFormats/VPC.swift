@@ -186,7 +186,7 @@ public final class VPCImage: DiskImage {
         ranges.add("dynamic disk header", offset: dynamicHeaderOffset, length: 1024)
         ranges.add("block allocation table", offset: batOffset, length: UInt64(bat.count) * 4)
         for (i, e) in bat.enumerated() where e != Self.unallocated {
-            ranges.add("block \(i)", offset: UInt64(e) * 512, length: bitmapBytes + blockSize)
+            ranges.add("block", i, offset: UInt64(e) * 512, length: bitmapBytes + blockSize)
         }
         ranges.add("footer", offset: size - 512, length: 512)
         ranges.report(into: &r)

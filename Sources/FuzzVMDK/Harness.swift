@@ -1,0 +1,9 @@
+import FuzzKit
+import ImageFormats
+
+/// libFuzzer entry point: the bytes are a hostile image declared as vmdk.
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
+    FuzzKit.run(Array(UnsafeBufferPointer(start: data, count: size)), declared: .vmdk)
+    return 0
+}
