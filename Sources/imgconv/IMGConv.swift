@@ -65,16 +65,28 @@ struct SourceOptions: ParsableArguments {
     @Flag(name: .customShort("U"), help: "Accepted for qemu-img compatibility; imgconv never locks images.")
     var forceShare = false
 
+    @Option(name: .customLong("max-virtual-size"), help: "The largest virtual size accepted (default 64T); larger images are refused before any table is read.")
+    var maxVirtualSize: String = "64T"
+
     var openOptions: OpenOptions {
-        var o = OpenOptions()
-        o.allowVMDKExtentFiles = allowExtentFiles
-        return o
+        get throws {
+            var o = OpenOptions()
+            o.allowVMDKExtentFiles = allowExtentFiles
+            var text = maxVirtualSize.uppercased()
+            var shift: UInt64 = 0
+            if let u = text.last, let s = ["K": 10, "M": 20, "G": 30, "T": 40, "P": 50][u] { shift = UInt64(s); text.removeLast() }
+            guard let v = UInt64(text), v > 0, v <= (UInt64.max >> shift) else {
+                throw ValidationError("--max-virtual-size \(maxVirtualSize): expected a size such as 64T or 500G")
+            }
+            o.maxVirtualSize = v << shift
+            return o
+        }
     }
 
     var declared: ImageFormat? { get throws { try format.map { try ImageFormat(name: $0) } } }
 
     func open(_ path: String) throws -> any DiskImage {
-        try ImageOpener.open(path: path, declared: try declared, options: openOptions)
+        try ImageOpener.open(path: path, declared: try declared, options: try openOptions)
     }
 }
 
@@ -89,7 +101,7 @@ struct Info: ParsableCommand {
         let image = try source.open(file)
         var info = image.info()
         info.filename = file
-        let verdict = ImageInspector.inspect(path: file, declared: try source.declared, options: source.openOptions).verdict
+        let verdict = ImageInspector.inspect(path: file, declared: try source.declared, options: try source.openOptions).verdict
         switch output {
         case .json:
             // qemu-img's keys, plus "safety": a tool that parses qemu-img's JSON ignores it.
@@ -113,7 +125,7 @@ struct Inspect: ParsableCommand {
     @Argument(help: "The image file.") var file: String
 
     func run() throws {
-        let (v, _) = ImageInspector.inspect(path: file, declared: try source.declared, options: source.openOptions)
+        let (v, _) = ImageInspector.inspect(path: file, declared: try source.declared, options: try source.openOptions)
         switch output {
         case .json:
             var pairs: [(String, JSON)] = [("filename", .string(file))]
@@ -257,7 +269,7 @@ struct ConvertCommand: ParsableCommand {
         if trusted {
             image = try source.open(src)
         } else {
-            let (verdict, opened) = ImageInspector.inspect(path: src, declared: try source.declared, options: source.openOptions)
+            let (verdict, opened) = ImageInspector.inspect(path: src, declared: try source.declared, options: try source.openOptions)
             guard verdict.safe, let opened else {
                 let lines = verdict.reasons.map { "  \($0)" }.joined(separator: "\n")
                 throw SinkError.unsupportedOutput("refusing to convert '\(src)': the image is not safe:\n\(lines)\n"

@@ -76,4 +76,16 @@ struct ConvertCLITests {
             #expect(FileManager.default.contents(atPath: dir + "/m\(m).raw") == FileManager.default.contents(atPath: base))
         }
     }
+
+    @Test func virtualSizeLimitIsConfigurable() throws {
+        let r = try run([imgconvBinary, "inspect", "--max-virtual-size", "1M", samples + "/qcow2-v3.qcow2"], allowFailure: true)
+        #expect(r.status == 4)
+        #expect(r.out.contains("limit:"))
+        let c = try run([imgconvBinary, "convert", "--max-virtual-size", "1M", "-O", "raw", samples + "/qcow2-v3.qcow2", "/tmp/imgconv-never"],
+                        allowFailure: true)
+        #expect(c.status == 1)
+        #expect(!FileManager.default.fileExists(atPath: "/tmp/imgconv-never"))
+        #expect(try run([imgconvBinary, "inspect", "--max-virtual-size", "3M", samples + "/qcow2-v3.qcow2"]).status == 0)
+        #expect(try run([imgconvBinary, "inspect", "--max-virtual-size", "lots", samples + "/qcow2-v3.qcow2"], allowFailure: true).status != 0)
+    }
 }

@@ -164,7 +164,9 @@ struct OracleTests {
         if c.huge {
             // Comparing two 1 TiB sparse files by hash would read 2 TiB of zeros; qemu-img compare walks the maps.
             try run(["qemu-img", "compare", "-f", c.format.rawValue, "-F", "raw", img, ours])
-            #expect(elapsed < 30, "a 1 TiB sparse conversion took \(elapsed) s")
+            // A debug build on a shared machine: this only catches a walk that went per cluster. The release
+            // figure (0.05 s for 1 TiB) is in BENCHMARKS.md.
+            #expect(elapsed < 120, "a 1 TiB sparse conversion took \(elapsed) s")
             let st = try FileManager.default.attributesOfItem(atPath: ours)
             #expect((st[.size] as? UInt64) == (1 << 40))
         } else {
