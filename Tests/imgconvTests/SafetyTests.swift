@@ -57,7 +57,7 @@ struct SafetyTests {
         #expect(codes(verdict(vhdx)).contains("unsupported-format"))
         let luks = dir + "/x.luks"
         try run(["qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=sec0,data=secret-passphrase",
-                 "-o", "key-secret=sec0", luks, "10M"])
+                 "-o", "key-secret=sec0,iter-time=10", luks, "10M"])
         #expect(codes(verdict(luks)).contains("unsupported-format"))
         // Declared raw does not make them raw.
         #expect(!verdict(luks, .raw).safe)
