@@ -53,6 +53,19 @@ extension ImageSink {
     public var outputFile: OutputFile? { nil }
 }
 
+extension EncodedRun {
+    /// Splits the run at `blockSize` boundaries: (block index, offset in the block, the bytes of that piece).
+    func forEachBlockPiece(_ blockSize: UInt64, _ body: (Int, UInt64, UnsafeRawBufferPointer) throws -> Void) rethrows {
+        var pos = 0
+        while pos < data.count {
+            let off = offset + UInt64(pos)
+            let n = Int(min(UInt64(data.count - pos), blockSize - off % blockSize))
+            try body(Int(off / blockSize), off % blockSize, UnsafeRawBufferPointer(rebasing: data[pos..<(pos + n)]))
+            pos += n
+        }
+    }
+}
+
 /// Errors of writing an output.
 public enum SinkError: Error, CustomStringConvertible, Equatable {
     case io(operation: String, path: String, errno: Int32)

@@ -105,20 +105,14 @@ public final class VPCSink: ImageSink {
             try file.pwriteAll(run.data, at: run.offset)
             return
         }
-        var pos = 0
-        while pos < run.data.count {
-            let off = run.offset + UInt64(pos)
-            let bi = Int(off / blockSize)
-            let n = Int(min(UInt64(run.data.count - pos), blockSize - off % blockSize))
+        try run.forEachBlockPiece(blockSize) { bi, inBlock, piece in
             if bat[bi] == 0xffff_ffff {
                 // A new block at the end: an all-ones bitmap (every sector present), then the data.
                 bat[bi] = UInt32(tail / 512)
                 try file.pwriteAll([UInt8](repeating: 0xff, count: Int(bitmapBytes)), at: tail)
                 tail += bitmapBytes + blockSize
             }
-            let host = UInt64(bat[bi]) * 512 + bitmapBytes + off % blockSize
-            try file.pwriteAll(UnsafeRawBufferPointer(rebasing: run.data[pos..<(pos + n)]), at: host)
-            pos += n
+            try file.pwriteAll(piece, at: UInt64(bat[bi]) * 512 + bitmapBytes + inBlock)
         }
     }
 
@@ -209,11 +203,7 @@ public final class VDISink: ImageSink {
             try file.pwriteAll(run.data, at: dataOffset + run.offset)
             return
         }
-        var pos = 0
-        while pos < run.data.count {
-            let off = run.offset + UInt64(pos)
-            let bi = Int(off / blockSize)
-            let n = Int(min(UInt64(run.data.count - pos), blockSize - off % blockSize))
+        try run.forEachBlockPiece(blockSize) { bi, inBlock, piece in
             if bi != lastBlock {
                 // Runs arrive in increasing order, so a block is new exactly when it differs from the last one.
                 var e = [UInt8](repeating: 0, count: 4)
@@ -222,9 +212,7 @@ public final class VDISink: ImageSink {
                 allocated += 1
                 lastBlock = bi
             }
-            let host = dataOffset + UInt64(allocated - 1) * blockSize + off % blockSize
-            try file.pwriteAll(UnsafeRawBufferPointer(rebasing: run.data[pos..<(pos + n)]), at: host)
-            pos += n
+            try file.pwriteAll(piece, at: dataOffset + UInt64(allocated - 1) * blockSize + inBlock)
         }
     }
 
