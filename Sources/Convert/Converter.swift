@@ -158,7 +158,6 @@ public struct Converter: Sendable {
         let writer = DispatchQueue(label: "imgconv.convert.writer")
         let pendingWrite = DispatchGroup()
         let writeError = Mutex<(any Error)?>(nil)
-        let done = Atomic<UInt64>(0)
         var skipped: [(UInt64, UInt64)] = []
         let zeroSkipped = options.zeroSkippedRanges
         var flip = 0
@@ -217,9 +216,7 @@ public struct Converter: Sendable {
                         if cancel() { throw SinkError.cancelled }
                         for (off, len) in r.zeros { try sink.zero(at: off, length: len) }
                         for run in r.runs { try sink.write(run) }
-                        let d = w.offset + UInt64(w.length)
-                        done.store(d, ordering: .relaxed)
-                        progress?(d, size)
+                        progress?(w.offset + UInt64(w.length), size)
                     }
                 } catch {
                     writeError.withLock { if $0 == nil { $0 = error } }

@@ -226,5 +226,3 @@ public final class QCOW2Sink: ImageSink {
     public func abort() { file.discard() }
     public var outputFile: OutputFile? { file }
 }
-
-func divRoundUp(_ a: UInt64, _ b: UInt64) -> UInt64 { a / b + (a % b == 0 ? 0 : 1) }

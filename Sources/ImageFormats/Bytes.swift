@@ -30,7 +30,7 @@ extension Array where Element == UInt8 {
     offset <= size && length <= size - offset
 }
 
-@inline(__always) func divRoundUp(_ a: UInt64, _ b: UInt64) -> UInt64 { a / b + (a % b == 0 ? 0 : 1) }
+@inline(__always) public func divRoundUp(_ a: UInt64, _ b: UInt64) -> UInt64 { a / b + (a % b == 0 ? 0 : 1) }
 @inline(__always) func isPowerOfTwo(_ v: UInt64) -> Bool { v != 0 && v & (v - 1) == 0 }
 
 extension Sequence where Element == UInt8 {

@@ -80,11 +80,10 @@ public struct CheckResult: Sendable {
     }
 }
 
-func fmt2(_ d: Double) -> String {
-    let v = (d * 100).rounded() / 100
-    let whole = Int(v)
-    let frac = Int(((v - Double(whole)) * 100).rounded())
-    return "\(whole).\(frac < 10 ? "0" : "")\(frac)"
+/// A percentage with two decimals, as qemu prints them ("18.18").
+public func fmt2(_ d: Double) -> String {
+    let v = Int((d * 100).rounded())
+    return "\(v / 100).\(v % 100 < 10 ? "0" : "")\(v % 100)"
 }
 
 /// Finds host ranges that overlap or pass the end of the file: the structural check every format shares.

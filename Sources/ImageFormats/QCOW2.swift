@@ -232,6 +232,15 @@ public final class QCOW2Image: DiskImage {
     }
 
     var compressionKind: Codec.Kind { compressionType == 1 ? .zstd : .rawDeflate }
+
+    /// A compressed L2 entry's host byte offset and size. With `x = 62 - (cluster_bits - 8)`, bits 0..x-1 hold
+    /// the offset and bits x..61 the additional 512-byte sectors; the size rounds up to whole sectors.
+    func compressedRange(_ entry: UInt64) -> (host: UInt64, size: UInt64) {
+        let shift = UInt64(62 - (clusterBits - 8))
+        let mask = (UInt64(1) << UInt64(clusterBits - 8)) - 1
+        let host = entry & ((UInt64(1) << shift) - 1)
+        return (host, (((entry >> shift) & mask) + 1) * 512 - (host & 511))
+    }
     var l2EntriesPerTable: Int { 1 << l2Bits }
 
     /// Loads (through the cache) the L2 table at `offset`, as 64-bit words (two per entry with extended L2).
@@ -299,11 +308,7 @@ public final class QCOW2Image: DiskImage {
                           value: "0x\(String(entry, radix: 16))", reason: reason)
         }
         if entry & Self.compressedFlag != 0 {
-            let shift = UInt64(62 - (clusterBits - 8))
-            let mask = (UInt64(1) << UInt64(clusterBits - 8)) - 1
-            let host = entry & ((UInt64(1) << shift) - 1)
-            let sectors = ((entry >> shift) & mask) + 1
-            let size = sectors * 512 - (host & 511)
+            let (host, size) = compressedRange(entry)
             // The size rounds up to whole sectors, so it may pass the end of the file by less than a sector.
             guard host < files[0].size, host + size <= files[0].size + 511 else {
                 throw ImageError.pastEndOfFile(what: "qcow2 compressed cluster", offset: host, length: size, fileSize: files[0].size)

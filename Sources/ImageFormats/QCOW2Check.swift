@@ -119,10 +119,7 @@ struct QCOW2Checker {
                     if entry & QCOW2Image.copiedFlag != 0 {
                         result.corruption("\(where_()): compressed cluster has the COPIED flag set")
                     }
-                    let shift = UInt64(62 - (image.clusterBits - 8))
-                    let mask = (UInt64(1) << UInt64(image.clusterBits - 8)) - 1
-                    let host = entry & ((UInt64(1) << shift) - 1)
-                    let size = (((entry >> shift) & mask) + 1) * 512 - (host & 511)
+                    let (host, size) = image.compressedRange(entry)
                     // The last sector of the file may be partial.
                     reference("\(where_()) compressed cluster", offset: host, length: size)
                     allocated += 1; compressed += 1; fragmented += 1

@@ -98,10 +98,11 @@ struct Info: ParsableCommand {
     @Argument(help: "The image file.") var file: String
 
     func run() throws {
-        let image = try source.open(file)
+        // The inspection opens the image; open it here only when the inspection could not (to report why).
+        let (verdict, opened) = ImageInspector.inspect(path: file, declared: try source.declared, options: try source.openOptions)
+        let image = try opened ?? source.open(file)
         var info = image.info()
         info.filename = file
-        let verdict = ImageInspector.inspect(path: file, declared: try source.declared, options: try source.openOptions).verdict
         switch output {
         case .json:
             // qemu-img's keys, plus "safety": a tool that parses qemu-img's JSON ignores it.
@@ -312,7 +313,3 @@ struct ConvertCommand: ParsableCommand {
     }
 }
 
-func fmt2(_ d: Double) -> String {
-    let v = Int((d * 100).rounded())
-    return "\(v / 100).\(v % 100 < 10 ? "0" : "")\(v % 100)"
-}
