@@ -1,7 +1,8 @@
 // swift-tools-version: 6.1
 // imgconv: native, safe disk-image inspection and conversion for OpenStack compute nodes.
 //
-// Layering (arrows point one way):  imgconv (CLI) -> Convert -> ImageFormats -> CZlib/CZstd
+// Layering (arrows point one way):
+//   imgconv (CLI) -> Agent -> Cache -> Glance (AsyncHTTPClient), Convert -> ImageFormats -> CZlib/CZstd/CDeflate
 // ImageFormats depends on no networking, Ceph or daemon code so it can be fuzzed and reused.
 import Foundation
 import PackageDescription
@@ -19,6 +20,12 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser.git", exact: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", exact: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", exact: "4.5.2"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", exact: "1.37.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", exact: "2.28.1"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", exact: "7.10.0"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", exact: "2.13.0"),
     ],
     targets: [
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
@@ -35,10 +42,47 @@ let package = Package(
             dependencies: ["ImageFormats", "CZlib", "CZstd", "CDeflate", .product(name: "Logging", package: "swift-log")],
             swiftSettings: gnuSource
         ),
+        // Glance v2 + Keystone v3 client: networking lives here, never in ImageFormats or Convert.
+        .target(
+            name: "Glance",
+            dependencies: [
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The node's verified image cache: SQLite index, single-flight fetches, eviction, scrub.
+        .target(
+            name: "Cache",
+            dependencies: [
+                "Glance", "Convert", "ImageFormats",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            cSettings: [.define("_GNU_SOURCE")],
+            swiftSettings: gnuSource
+        ),
+        // The daemon: config, prefetch loop, HTTP control API on a Unix socket.
+        .target(
+            name: "Agent",
+            dependencies: [
+                "Cache", "Glance",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: gnuSource
+        ),
         .executableTarget(
             name: "imgconv",
             dependencies: [
-                "ImageFormats", "Convert",
+                "ImageFormats", "Convert", "Agent", "Cache", "Glance",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -48,6 +92,9 @@ let package = Package(
         .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "FuzzKit"]),
         .testTarget(name: "ConvertTests", dependencies: ["Convert", "ImageFormats"]),
         .testTarget(name: "imgconvTests", dependencies: ["Convert", "ImageFormats", "imgconv"]),
+        .testTarget(name: "GlanceTests", dependencies: ["Glance"]),
+        .testTarget(name: "CacheTests", dependencies: ["Cache", "Glance", "ImageFormats"]),
+        .testTarget(name: "AgentTests", dependencies: ["Agent", "Cache", "Glance"]),
     ]
 )
 

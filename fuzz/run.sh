@@ -8,14 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=("${@:--runs=1000000}")
+# Release with ASan: about 7x the executions per second of a debug build (vmdk: 1,200/s against 170/s).
+config=${FUZZ_CONFIG:-release}
 export IMGCONV_FUZZ=1 SWIFT_BACKTRACE=enable=no
 harnesses=(FuzzQCOW2 FuzzVMDK FuzzVPC FuzzVDI FuzzDetect)
 for h in "${harnesses[@]}"; do
-    swift build --scratch-path .build-fuzz -c debug --product "$h" \
+    swift build --scratch-path .build-fuzz -c "$config" --product "$h" \
         --sanitize=fuzzer -Xswiftc -sanitize=fuzzer,address -Xcc -fsanitize=address \
         -Xswiftc -Xclang-linker -Xswiftc -fuse-ld=lld 2>&1 | grep -E "error|warning: unre" || true
 done
-bin=$(IMGCONV_FUZZ=1 swift build --scratch-path .build-fuzz -c debug --show-bin-path)
+bin=$(IMGCONV_FUZZ=1 swift build --scratch-path .build-fuzz -c "$config" --show-bin-path)
 status=0
 for h in "${harnesses[@]}"; do
     corpus=.build-fuzz/corpus/$h

@@ -8,23 +8,29 @@ import Glibc
 #endif
 
 @main
-struct IMGConv: ParsableCommand {
+struct IMGConv: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "imgconv",
         abstract: "Inspect and convert disk images (raw, qcow2, vmdk, vpc/vhd, vdi) natively and safely.",
         discussion: "Command lines and JSON follow qemu-img's, so tools that parse qemu-img can use imgconv instead.",
-        subcommands: [Info.self, MapCommand.self, Check.self, ConvertCommand.self, Inspect.self]
+        subcommands: [Info.self, MapCommand.self, Check.self, ConvertCommand.self, Inspect.self, AgentCommand.self, CacheCommand.self]
     )
 
-    static func main() {
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = .warning
-            return h
-        }
+    static func main() async {
         do {
             var command = try parseAsRoot()
-            try command.run()
+            if !(command is AgentCommand) {
+                LoggingSystem.bootstrap { label in
+                    var h = StreamLogHandler.standardError(label: label)
+                    h.logLevel = .warning
+                    return h
+                }
+            }
+            if var async = command as? AsyncParsableCommand {
+                try await async.run()
+            } else {
+                try command.run()
+            }
         } catch let e as ExitCode {
             Glibc.exit(e.rawValue)
         } catch let e as ImageError {

@@ -1,0 +1,227 @@
+import AsyncHTTPClient
+import Cache
+import Dispatch
+import Foundation
+import Glance
+import Hummingbird
+import Logging
+import NIOCore
+import ServiceLifecycle
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `imgconv agent`: the cache, the prefetch loop and the control API, until SIGTERM or SIGINT.
+public enum AgentRunner {
+    public static func makeHTTPClient() -> HTTPClient {
+        var configuration = HTTPClient.Configuration()
+        configuration.timeout = .init(connect: .seconds(10), read: .seconds(120))
+        configuration.decompression = .disabled
+        return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }
+
+    public static func makeSource(_ config: AgentConfig, http: HTTPClient, logger: Logger) -> GlanceSource {
+        let g = config.glance
+        var auth: KeystoneAuth?
+        switch g.authType {
+        case .password:
+            auth = KeystoneAuth(authURL: g.authURL!, credentials: .password(
+                username: g.username!, password: g.password!, userDomain: g.userDomainName, project: g.projectName!,
+                projectDomain: g.projectDomainName), http: http)
+        case .v3applicationcredential:
+            auth = KeystoneAuth(authURL: g.authURL!, credentials: .applicationCredential(
+                id: g.applicationCredentialID!, secret: g.applicationCredentialSecret!), http: http)
+        case .none:
+            auth = nil
+        }
+        let client = GlanceClient(http: http, endpoint: GlanceEndpoint(apiServers: g.apiServers, auth: auth,
+                                                                       region: g.regionName, interface: g.interface))
+        return GlanceSource(client: client, verify: g.verifyHash, retry: RetryPolicy(attempts: g.retries),
+                            bytesPerSecond: config.prefetch.bandwidthLimit)
+    }
+
+    public static func makeCache(_ config: AgentConfig, source: any ImageSource, logger: Logger) throws -> ImageCache {
+        let c = CacheConfig(directory: config.cacheDirectory, indexPath: config.agent.stateDir + "/index.sqlite",
+                            maxSize: config.cache.maxSize, minFree: config.cache.minFree, layout: config.cache.layout,
+                            forceRaw: config.cache.forceRaw)
+        return try ImageCache(config: c, source: source, logger: logger)
+    }
+
+    public static func run(config: AgentConfig, logger: Logger) async throws {
+        let http = makeHTTPClient()
+        let source = makeSource(config, http: http, logger: logger)
+        let cache: ImageCache
+        do {
+            cache = try makeCache(config, source: source, logger: logger)
+        } catch {
+            try? await http.shutdown()
+            throw error
+        }
+        let socketPath = config.agent.socketPath
+        do {
+            try prepareSocketPath(socketPath)
+        } catch {
+            try? await http.shutdown()
+            throw error
+        }
+        let policy = PeerPolicy(allowedUIDs: config.agent.allowedUIDs, allowedGIDs: config.agent.allowedGIDs)
+        let router = ControlAPI.router(cache: cache, policy: policy, logger: logger)
+        let groupID = try config.agent.socketGroup.map(Self.groupID)
+        let mode = config.agent.socketMode
+        // The socket is born 0600 (umask) and opened up to the configured mode and group once it exists.
+        let oldMask = umask(0o177)
+        let app = Application(
+            router: router,
+            configuration: .init(address: .unixDomainSocket(path: socketPath), serverName: "imgconv-agent"),
+            onServerRunning: { _ in
+                umask(oldMask)
+                if let gid = groupID, chown(socketPath, UInt32.max, gid) != 0 {
+                    logger.error("cannot chgrp the control socket", metadata: ["errno": "\(errno)"])
+                }
+                chmod(socketPath, mode_t(mode))
+                logger.notice("control API listening", metadata: ["socket": "\(socketPath)", "mode": "\(String(mode, radix: 8))"])
+            },
+            logger: logger
+        )
+        let group = ServiceGroup(configuration: .init(services: [.init(service: app)], gracefulShutdownSignals: [],
+                                                      cancellationSignals: [], logger: logger))
+        let prefetcher = Prefetcher(cache: cache, client: source.client, config: config.prefetch, logger: logger)
+        let background = Task {
+            await withTaskGroup(of: Void.self) { g in
+                g.addTask { await prefetcher.run() }
+                if config.cache.scrubInterval > 0 {
+                    g.addTask {
+                        while !Task.isCancelled {
+                            try? await Task.sleep(nanoseconds: UInt64(config.cache.scrubInterval * 1e9))
+                            if Task.isCancelled { break }
+                            _ = try? await cache.scrub()
+                        }
+                    }
+                }
+            }
+        }
+        // SIGTERM / SIGINT: stop taking work, end event streams, abort running fetches, stop the server.
+        signal(SIGTERM, SIG_IGN)
+        signal(SIGINT, SIG_IGN)
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGTERM, SIGINT] {
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler {
+                logger.notice("shutting down", metadata: ["signal": "\(sig)"])
+                background.cancel()
+                Task {
+                    await cache.shutdown()
+                    await group.triggerGracefulShutdown()
+                }
+            }
+            s.resume()
+            sources.append(s)
+        }
+        defer { sources.forEach { $0.cancel() } }
+        do {
+            try await group.run()
+        } catch {
+            logger.error("control API stopped", metadata: ["error": "\(error)"])
+        }
+        background.cancel()
+        await cache.shutdown()
+        unlink(socketPath)
+        try? await http.shutdown()
+        logger.notice("agent stopped")
+    }
+
+    /// Makes the socket's directory, and removes a stale socket; refuses if another agent answers on it.
+    static func prepareSocketPath(_ path: String) throws {
+        guard let slash = path.lastIndex(of: "/") else { throw ConfigError("[agent] socket_path must be absolute") }
+        let dir = String(path[..<slash])
+        if !dir.isEmpty { try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+            throw ConfigError("[agent] socket_path '\(path)' exists and is not a socket; remove it or choose another path")
+        }
+        if socketAnswers(path) {
+            throw ConfigError("another agent is listening on '\(path)'")
+        }
+        unlink(path)
+    }
+
+    static func socketAnswers(_ path: String) -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, b) in bytes.enumerated() { p[i] = b }
+        }
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, __CONST_SOCKADDR_ARG(__sockaddr__: $0), socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        return r == 0
+    }
+
+    static func groupID(_ name: String) throws -> UInt32 {
+        if let n = UInt32(name) { return n }
+        guard let g = getgrnam(name) else { throw ConfigError("[agent] socket_group: no group named '\(name)'") }
+        return g.pointee.gr_gid
+    }
+}
+
+/// Pulls the configured images before anyone asks: by id, by a property set to true, and by tag, every interval.
+struct Prefetcher: Sendable {
+    let cache: ImageCache
+    let client: GlanceClient
+    let config: AgentConfig.PrefetchSection
+    let logger: Logger
+
+    func run() async {
+        guard !config.images.isEmpty || config.property != nil || config.tag != nil else { return }
+        while !Task.isCancelled {
+            await once()
+            try? await Task.sleep(nanoseconds: UInt64(max(1, config.interval) * 1e9))
+        }
+    }
+
+    func wanted() async throws -> [String] {
+        var ids = config.images
+        if let p = config.property {
+            ids += try await client.list(filters: [(p, "true"), ("status", "active")]).map(\.id)
+        }
+        if let t = config.tag {
+            ids += try await client.list(filters: [("tag", t), ("status", "active")]).map(\.id)
+        }
+        var seen = Set<String>()
+        return ids.filter { seen.insert($0).inserted }
+    }
+
+    func once() async {
+        let ids: [String]
+        do {
+            ids = try await wanted()
+        } catch {
+            logger.error("prefetch: cannot list images", metadata: ["error": "\(error)"])
+            return
+        }
+        await withTaskGroup(of: Void.self) { g in
+            var running = 0
+            for id in ids {
+                if Task.isCancelled { break }
+                if running >= config.concurrency {
+                    await g.next()
+                    running -= 1
+                }
+                running += 1
+                g.addTask {
+                    do {
+                        _ = try await cache.fetch(id, throttled: true)
+                    } catch {
+                        logger.error("prefetch failed", metadata: ["image": "\(id)", "error": "\(error)"])
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+import Cache
+import Foundation
+import Glance
+
+/// A configuration error names the file, the line, the section and key, and what is wrong.
+public struct ConfigError: Error, CustomStringConvertible, Equatable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// The agent's configuration: an INI file in nova.conf style. Every key is checked at start-up: an unknown
+/// section or key, or a bad value, stops the agent with a message naming it.
+public struct AgentConfig: Sendable {
+    public struct AgentSection: Sendable {
+        public var socketPath = "/run/imgconv/agent.sock"
+        public var socketMode: UInt16 = 0o660
+        public var socketGroup: String?
+        public var allowedUIDs: [UInt32] = []
+        public var allowedGIDs: [UInt32] = []
+        public var stateDir = "/var/lib/imgconv"
+    }
+    public enum AuthType: String, Sendable { case password, v3applicationcredential, none }
+    public struct GlanceSection: Sendable {
+        public var apiServers: [String] = []
+        public var authType: AuthType = .password
+        public var authURL: String?
+        public var username: String?
+        public var password: String?
+        public var projectName: String?
+        public var userDomainName = "Default"
+        public var projectDomainName = "Default"
+        public var applicationCredentialID: String?
+        public var applicationCredentialSecret: String?
+        public var regionName: String?
+        public var interface = "public"
+        public var verifyHash = true
+        public var retries = 5
+    }
+    public struct CacheSection: Sendable {
+        public var directory: String?
+        public var maxSize: UInt64 = 50 << 30
+        public var minFree: UInt64 = 0
+        public var layout: CacheConfig.Layout = .nova
+        public var forceRaw = false
+        public var scrubInterval: Double = 0
+    }
+    public struct PrefetchSection: Sendable {
+        public var images: [String] = []
+        public var property: String?
+        public var tag: String?
+        public var interval: Double = 600
+        public var concurrency = 2
+        public var bandwidthLimit: UInt64?
+    }
+
+    public var agent = AgentSection()
+    public var glance = GlanceSection()
+    public var cache = CacheSection()
+    public var prefetch = PrefetchSection()
+
+    public init() {}
+
+    public var cacheDirectory: String { cache.directory ?? agent.stateDir + "/cache" }
+
+    public static func load(path: String) throws -> AgentConfig {
+        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+            throw ConfigError("cannot read config file '\(path)'")
+        }
+        return try parse(text, name: path)
+    }
+
+    /// Parses INI text: `[section]`, `key = value`, `#` and `;` comments.
+    public static func parse(_ text: String, name: String = "config") throws -> AgentConfig {
+        var c = AgentConfig()
+        var section: String?
+        var seen: Set<String> = []
+        for (n, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = rawLine.trimmingCharacters(in: .whitespaces)
+            let at = "\(name):\(n + 1)"
+            if line.isEmpty || line.hasPrefix("#") || line.hasPrefix(";") { continue }
+            if line.hasPrefix("[") {
+                guard line.hasSuffix("]") else { throw ConfigError("\(at): malformed section header '\(line)'") }
+                let s = String(line.dropFirst().dropLast()).trimmingCharacters(in: .whitespaces)
+                guard ["agent", "glance", "cache", "prefetch", "DEFAULT"].contains(s) else {
+                    throw ConfigError("\(at): unknown section [\(s)] (known: agent, glance, cache, prefetch)")
+                }
+                section = s
+                continue
+            }
+            guard let eq = line.firstIndex(of: "=") else { throw ConfigError("\(at): expected 'key = value', got '\(line)'") }
+            let key = line[..<eq].trimmingCharacters(in: .whitespaces)
+            let value = line[line.index(after: eq)...].trimmingCharacters(in: .whitespaces)
+            guard let s = section else { throw ConfigError("\(at): '\(key)' is outside any section") }
+            let full = "[\(s)] \(key)"
+            guard seen.insert(full).inserted else { throw ConfigError("\(at): \(full) is set twice") }
+            do {
+                try c.set(section: s, key: key, value: value)
+            } catch let e as ConfigError {
+                throw ConfigError("\(at): \(full): \(e.message)")
+            }
+        }
+        try c.validate()
+        return c
+    }
+
+    mutating func set(section: String, key: String, value v: String) throws {
+        switch (section, key) {
+        case ("agent", "socket_path"): agent.socketPath = try Self.path(v)
+        case ("agent", "socket_mode"):
+            guard let m = UInt16(v.hasPrefix("0o") ? String(v.dropFirst(2)) : v, radix: 8), m <= 0o777 else {
+                throw ConfigError("'\(v)' is not an octal file mode such as 0660")
+            }
+            agent.socketMode = m
+        case ("agent", "socket_group"): agent.socketGroup = v.isEmpty ? nil : v
+        case ("agent", "allowed_uids"): agent.allowedUIDs = try Self.list(v).map(Self.id)
+        case ("agent", "allowed_gids"): agent.allowedGIDs = try Self.list(v).map(Self.id)
+        case ("agent", "state_dir"): agent.stateDir = try Self.path(v)
+        case ("glance", "api_servers"): glance.apiServers = try Self.list(v).map(Self.url)
+        case ("glance", "auth_type"):
+            guard let t = AuthType(rawValue: v) else { throw ConfigError("'\(v)' is not one of password, v3applicationcredential, none") }
+            glance.authType = t
+        case ("glance", "auth_url"): glance.authURL = try Self.url(v)
+        case ("glance", "username"): glance.username = v
+        case ("glance", "password"): glance.password = v
+        case ("glance", "project_name"): glance.projectName = v
+        case ("glance", "user_domain_name"): glance.userDomainName = v
+        case ("glance", "project_domain_name"): glance.projectDomainName = v
+        case ("glance", "application_credential_id"): glance.applicationCredentialID = v
+        case ("glance", "application_credential_secret"): glance.applicationCredentialSecret = v
+        case ("glance", "region_name"): glance.regionName = v.isEmpty ? nil : v
+        case ("glance", "interface"), ("glance", "valid_interfaces"):
+            let i = try Self.list(v).first ?? "public"
+            guard ["public", "internal", "admin"].contains(i) else { throw ConfigError("'\(v)' is not public, internal or admin") }
+            glance.interface = i
+        case ("glance", "verify_hash"): glance.verifyHash = try Self.bool(v)
+        case ("glance", "num_retries"): glance.retries = try Self.int(v, 0...100)
+        case ("cache", "directory"): cache.directory = try Self.path(v)
+        case ("cache", "max_size"): cache.maxSize = try Self.size(v)
+        case ("cache", "min_free"): cache.minFree = try Self.size(v)
+        case ("cache", "layout"):
+            guard let l = CacheConfig.Layout(rawValue: v) else { throw ConfigError("'\(v)' is not nova or id") }
+            cache.layout = l
+        case ("cache", "force_raw"): cache.forceRaw = try Self.bool(v)
+        case ("cache", "scrub_interval"): cache.scrubInterval = try Self.duration(v)
+        case ("prefetch", "images"):
+            prefetch.images = try Self.list(v).map { id in
+                guard ImageID.isValid(id) else { throw ConfigError("'\(id)' is not an image id (a UUID)") }
+                return id.lowercased()
+            }
+        case ("prefetch", "property"): prefetch.property = v.isEmpty ? nil : try Self.token(v)
+        case ("prefetch", "tag"): prefetch.tag = v.isEmpty ? nil : v
+        case ("prefetch", "interval"): prefetch.interval = try Self.duration(v)
+        case ("prefetch", "concurrency"): prefetch.concurrency = try Self.int(v, 1...64)
+        case ("prefetch", "bandwidth_limit"):
+            let b = try Self.size(v)
+            prefetch.bandwidthLimit = b == 0 ? nil : b
+        default:
+            throw ConfigError("unknown key")
+        }
+    }
+
+    func validate() throws {
+        switch glance.authType {
+        case .password:
+            for (k, v) in [("auth_url", glance.authURL), ("username", glance.username), ("password", glance.password),
+                           ("project_name", glance.projectName)] where v == nil {
+                throw ConfigError("[glance] \(k) is required with auth_type = password")
+            }
+        case .v3applicationcredential:
+            for (k, v) in [("auth_url", glance.authURL), ("application_credential_id", glance.applicationCredentialID),
+                           ("application_credential_secret", glance.applicationCredentialSecret)] where v == nil {
+                throw ConfigError("[glance] \(k) is required with auth_type = v3applicationcredential")
+            }
+        case .none:
+            if glance.apiServers.isEmpty { throw ConfigError("[glance] api_servers is required with auth_type = none") }
+        }
+        if cache.minFree >= cache.maxSize && cache.maxSize > 0 && cache.minFree > 0 {
+            // Allowed (they limit different things) but almost certainly a typo.
+        }
+    }
+
+    // MARK: value parsers
+
+    static func list(_ v: String) throws -> [String] {
+        v.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    }
+
+    static func bool(_ v: String) throws -> Bool {
+        switch v.lowercased() {
+        case "true", "yes", "on", "1": return true
+        case "false", "no", "off", "0": return false
+        default: throw ConfigError("'\(v)' is not a boolean (true or false)")
+        }
+    }
+
+    static func int(_ v: String, _ range: ClosedRange<Int>) throws -> Int {
+        guard let n = Int(v), range.contains(n) else { throw ConfigError("'\(v)' is not a whole number in \(range.lowerBound)...\(range.upperBound)") }
+        return n
+    }
+
+    static func id(_ v: String) throws -> UInt32 {
+        guard let n = UInt32(v) else { throw ConfigError("'\(v)' is not a numeric uid/gid") }
+        return n
+    }
+
+    static func path(_ v: String) throws -> String {
+        guard v.hasPrefix("/"), !v.split(separator: "/").contains("..") else { throw ConfigError("'\(v)' must be an absolute path without '..'") }
+        return v
+    }
+
+    static func url(_ v: String) throws -> String {
+        guard (v.hasPrefix("http://") || v.hasPrefix("https://")), URL(string: v) != nil else {
+            throw ConfigError("'\(v)' is not an http(s) URL")
+        }
+        return v
+    }
+
+    static func token(_ v: String) throws -> String {
+        guard v.allSatisfy({ $0.isLetter || $0.isNumber || "_-.:".contains($0) }) else {
+            throw ConfigError("'\(v)' is not a property name")
+        }
+        return v
+    }
+
+    /// `50G`, `512M`, `1.5T`, `4096` (bytes); binary units as in nova.conf's sizes.
+    public static func size(_ v: String) throws -> UInt64 {
+        let s = v.trimmingCharacters(in: .whitespaces).uppercased()
+        var number = s
+        var shift: UInt64 = 0
+        for (suffix, sh) in [("TIB", 40), ("GIB", 30), ("MIB", 20), ("KIB", 10), ("TB", 40), ("GB", 30), ("MB", 20), ("KB", 10),
+                             ("T", 40), ("G", 30), ("M", 20), ("K", 10), ("B", 0)] where s.hasSuffix(suffix) {
+            number = String(s.dropLast(suffix.count)).trimmingCharacters(in: .whitespaces)
+            shift = UInt64(sh)
+            break
+        }
+        guard let d = Double(number), d >= 0, d.isFinite, d * Double(UInt64(1) << shift) < 1.8e19 else {
+            throw ConfigError("'\(v)' is not a size such as 50G, 512M or 1073741824")
+        }
+        return UInt64(d * Double(UInt64(1) << shift))
+    }
+
+    /// `300`, `300s`, `10m`, `2h`, `1d` → seconds.
+    public static func duration(_ v: String) throws -> Double {
+        let s = v.trimmingCharacters(in: .whitespaces).lowercased()
+        var mult = 1.0
+        var number = s
+        if let last = s.last, let m = ["s": 1.0, "m": 60, "h": 3600, "d": 86400][String(last)] {
+            mult = m
+            number = String(s.dropLast())
+        }
+        guard let d = Double(number), d >= 0, d.isFinite else { throw ConfigError("'\(v)' is not a duration such as 300, 10m or 2h") }
+        return d * mult
+    }
+}

@@ -1,0 +1,32 @@
+import Glance
+import Logging
+
+/// Where cached images come from. The agent uses Glance; unit tests use a fake.
+public protocol ImageSource: Sendable {
+    func show(_ id: String) async throws -> GlanceImage
+    /// `throttled`: a background fetch, subject to the prefetch bandwidth limit.
+    func download(_ image: GlanceImage, into sink: any DownloadSink, throttled: Bool, progress: DownloadProgress?) async throws -> DownloadResult
+}
+
+/// Glance v2 as an image source, downloads verified and resumable.
+public struct GlanceSource: ImageSource {
+    public let client: GlanceClient
+    public var verify: Bool
+    public var retry: RetryPolicy
+    public var bytesPerSecond: UInt64?
+
+    public init(client: GlanceClient, verify: Bool = true, retry: RetryPolicy = RetryPolicy(), bytesPerSecond: UInt64? = nil) {
+        self.client = client
+        self.verify = verify
+        self.retry = retry
+        self.bytesPerSecond = bytesPerSecond
+    }
+
+    public func show(_ id: String) async throws -> GlanceImage { try await client.show(id) }
+
+    public func download(_ image: GlanceImage, into sink: any DownloadSink, throttled: Bool,
+                         progress: DownloadProgress?) async throws -> DownloadResult {
+        try await VerifiedDownload(client: client, image: image, verify: verify, retry: retry,
+                                   bytesPerSecond: throttled ? bytesPerSecond : nil, progress: progress).run(into: sink)
+    }
+}

@@ -1,0 +1,247 @@
+import AsyncHTTPClient
+import Dispatch
+import Foundation
+import Logging
+import NIOCore
+
+/// Where downloaded bytes go. Called with consecutive blocks, in order, from one background thread at a time.
+public protocol DownloadSink: AnyObject, Sendable {
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws
+}
+
+/// Retries for a dropped or failed download: exponential backoff from `baseDelay`, capped at `maxDelay`. The count
+/// restarts whenever an attempt made progress, so a long download survives many short outages.
+public struct RetryPolicy: Sendable {
+    public var attempts: Int
+    public var baseDelay: Double
+    public var maxDelay: Double
+    public init(attempts: Int = 5, baseDelay: Double = 0.5, maxDelay: Double = 8) {
+        self.attempts = attempts
+        self.baseDelay = baseDelay
+        self.maxDelay = maxDelay
+    }
+    func delay(_ attempt: Int) -> Double { min(maxDelay, baseDelay * pow(2, Double(max(0, attempt - 1)))) }
+}
+
+/// What a verified download produced.
+public struct DownloadResult: Sendable {
+    public var bytes: UInt64
+    /// algorithm → lower-case hex, for every hash computed (and matched, when it had an expected value).
+    public var hashes: [String: String]
+    /// Connections that were resumed with a Range request.
+    public var resumes: Int
+    /// Servers that answered a Range request with the whole body (the prefix was skipped).
+    public var rangeIgnored: Int
+}
+
+/// Progress callback: bytes received so far.
+public typealias DownloadProgress = @Sendable (UInt64) -> Void
+
+/// Streams an image's bytes from Glance into a sink while hashing them with `os_hash_algo` and md5 (`checksum`) in
+/// the same pass. A dropped connection resumes with `Range: bytes=N-`; a server that ignores the Range and sends
+/// the whole body is detected (200 instead of 206) and its first N bytes skipped. Nothing is trusted until
+/// `run` returns: the caller must not publish the bytes before that.
+///
+/// The network loop fills 4 MiB blocks; a worker thread writes a block and updates both hashes in parallel while
+/// the next block is received, so hashing costs the slower hash, not the sum.
+public final class VerifiedDownload: @unchecked Sendable {
+    let client: GlanceClient
+    public let image: GlanceImage
+    let verify: Bool
+    let retry: RetryPolicy
+    let blockSize: Int
+    let bytesPerSecond: UInt64?
+    let logger: Logger
+    let progress: DownloadProgress?
+
+    private var digests: [ImageDigest] = []
+    private let worker = DispatchQueue(label: "imgconv.download")
+
+    public init(client: GlanceClient, image: GlanceImage, verify: Bool = true, retry: RetryPolicy = RetryPolicy(),
+                blockSize: Int = 4 << 20, bytesPerSecond: UInt64? = nil, progress: DownloadProgress? = nil,
+                logger: Logger = Logger(label: "imgconv.download")) {
+        self.client = client
+        self.image = image
+        self.verify = verify
+        self.retry = retry
+        self.blockSize = blockSize
+        self.bytesPerSecond = bytesPerSecond
+        self.progress = progress
+        self.logger = logger
+    }
+
+    /// The hashes to compute and the value each must have.
+    func expectations() throws -> [(String, String?)] {
+        var out: [(String, String?)] = []
+        if let algo = image.osHashAlgo, let value = image.osHashValue, !algo.isEmpty, !value.isEmpty {
+            guard ImageDigest(algorithm: algo) != nil else { throw GlanceError.unsupportedHash(imageID: image.id, algorithm: algo) }
+            out.append((algo.lowercased(), value.lowercased()))
+        }
+        if let md5 = image.checksum, !md5.isEmpty, !out.contains(where: { $0.0 == "md5" }) { out.append(("md5", md5.lowercased())) }
+        if verify && out.isEmpty {
+            throw GlanceError.unsupportedHash(imageID: image.id, algorithm: "none (the image has neither os_hash_value nor checksum)")
+        }
+        if !verify { return out.map { ($0.0, nil) } }
+        return out
+    }
+
+    public func run(into sink: any DownloadSink) async throws -> DownloadResult {
+        guard image.status == "active" else { throw GlanceError.notActive(imageID: image.id, status: image.status) }
+        let expected = try expectations()
+        digests = expected.compactMap { ImageDigest(algorithm: $0.0) }
+
+        var received: UInt64 = 0
+        var submitted: UInt64 = 0
+        var staging = [UInt8]()
+        staging.reserveCapacity(blockSize)
+        var inFlight: Task<Void, Error>?
+        var failures = 0
+        var resumes = 0
+        var rangeIgnored = 0
+        let started = DispatchTime.now().uptimeNanoseconds
+
+        func submit() async throws {
+            if let t = inFlight { try await t.value }
+            guard !staging.isEmpty else { inFlight = nil; return }
+            let block = staging
+            let at = submitted
+            submitted += UInt64(block.count)
+            staging.removeAll(keepingCapacity: true)
+            inFlight = Task { try await self.process(block, at: at, sink: sink) }
+        }
+
+        while true {
+            var progressed = false
+            do {
+                if received > 0 { resumes += 1 }
+                let (response, url) = try await client.openFile(image.id, offset: received)
+                var skip: UInt64 = 0
+                switch response.status.code {
+                case 200:
+                    if received > 0 {
+                        rangeIgnored += 1
+                        skip = received
+                        logger.warning("server ignored Range and sent the whole body; skipping the prefix",
+                                       metadata: ["image": "\(image.id)", "skip": "\(skip)"])
+                    }
+                case 206:
+                    guard let cr = response.headers.first(name: "Content-Range"), let start = Self.rangeStart(cr), start == received else {
+                        throw GlanceError.malformedResponse(url: url, detail: "206 with Content-Range \(response.headers.first(name: "Content-Range") ?? "-") for a request from \(received)")
+                    }
+                case 204:
+                    throw GlanceError.notActive(imageID: image.id, status: "without data (204)")
+                case 404:
+                    throw GlanceError.imageNotFound(image.id)
+                case 500...599, 429:
+                    throw Retryable(detail: "HTTP \(response.status.code)")
+                default:
+                    let body = try? await response.body.collect(upTo: 1 << 20)
+                    throw GlanceError.http(method: "GET", url: url, status: Int(response.status.code),
+                                           detail: body.map(GlanceClient.excerpt) ?? "")
+                }
+                for try await var buffer in response.body {
+                    if skip > 0 {
+                        let n = Int(min(skip, UInt64(buffer.readableBytes)))
+                        buffer.moveReaderIndex(forwardBy: n)
+                        skip -= UInt64(n)
+                        if buffer.readableBytes == 0 { continue }
+                    }
+                    progressed = true
+                    received += UInt64(buffer.readableBytes)
+                    if let size = image.size, received > size {
+                        throw GlanceError.sizeMismatch(imageID: image.id, expected: size, actual: received)
+                    }
+                    buffer.withUnsafeReadableBytes { staging.append(contentsOf: $0) }
+                    if staging.count >= blockSize {
+                        try await submit()
+                        progress?(received)
+                        try await throttle(received: received, since: started)
+                    }
+                }
+                if let size = image.size, received < size {
+                    throw Retryable(detail: "connection closed after \(received) of \(size) bytes")
+                }
+                break
+            } catch let e as GlanceError {
+                if case .transport = e {} else { throw e }
+                try await backoff(&failures, progressed: progressed, detail: e.description)
+            } catch let e as Retryable {
+                try await backoff(&failures, progressed: progressed, detail: e.detail)
+            } catch is CancellationError {
+                throw CancellationError()
+            } catch {
+                // Body stream errors (connection reset, read timeout) from AsyncHTTPClient or NIO.
+                try await backoff(&failures, progressed: progressed, detail: "\(error)")
+            }
+        }
+        try await submit()
+        if let t = inFlight { try await t.value }
+        progress?(received)
+
+        var hashes: [String: String] = [:]
+        for (d, (algo, want)) in zip(digests, expected) {
+            let got = d.hex()
+            hashes[algo] = got
+            if let want, want != got {
+                throw GlanceError.integrity(imageID: image.id, algorithm: algo, expected: want, actual: got)
+            }
+        }
+        return DownloadResult(bytes: received, hashes: hashes, resumes: resumes, rangeIgnored: rangeIgnored)
+    }
+
+    struct Retryable: Error { var detail: String }
+
+    private func backoff(_ failures: inout Int, progressed: Bool, detail: String) async throws {
+        if progressed { failures = 0 }
+        failures += 1
+        if failures > retry.attempts {
+            throw GlanceError.transport(url: "/v2/images/\(image.id)/file", attempts: failures, detail: detail)
+        }
+        let d = retry.delay(failures)
+        logger.warning("download interrupted; resuming", metadata: ["image": "\(image.id)", "attempt": "\(failures)",
+                                                                   "delay": "\(d)", "reason": "\(detail)"])
+        try await Task.sleep(nanoseconds: UInt64(d * 1e9))
+    }
+
+    private func throttle(received: UInt64, since start: UInt64) async throws {
+        guard let rate = bytesPerSecond, rate > 0 else { return }
+        let due = Double(received) / Double(rate)
+        let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        if due > elapsed { try await Task.sleep(nanoseconds: UInt64((due - elapsed) * 1e9)) }
+    }
+
+    /// Writes one block and feeds every digest, all in parallel, on the worker.
+    private func process(_ block: [UInt8], at offset: UInt64, sink: any DownloadSink) async throws {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, Error>) in
+            worker.async {
+                let jobs = 1 + self.digests.count
+                var writeError: Error?
+                block.withUnsafeBytes { rawBlock in
+                    self.digests.withUnsafeMutableBufferPointer { ds in
+                        nonisolated(unsafe) let dp = ds
+                        nonisolated(unsafe) let raw = rawBlock
+                        nonisolated(unsafe) var err: Error?
+                        DispatchQueue.concurrentPerform(iterations: jobs) { i in
+                            if i == 0 {
+                                do { try sink.write(raw, at: offset) } catch { err = error }
+                            } else {
+                                dp[i - 1].update(raw)
+                            }
+                        }
+                        writeError = err
+                    }
+                }
+                if let writeError { c.resume(throwing: writeError) } else { c.resume() }
+            }
+        }
+    }
+
+    /// `bytes S-E/T` → S.
+    static func rangeStart(_ s: String) -> UInt64? {
+        let t = s.trimmingCharacters(in: .whitespaces)
+        guard t.hasPrefix("bytes ") else { return nil }
+        let rest = t.dropFirst(6)
+        guard let dash = rest.firstIndex(of: "-") else { return nil }
+        return UInt64(rest[..<dash])
+    }
+}

@@ -1,0 +1,88 @@
+import Foundation
+
+/// The fields of a Glance v2 image record that the agent uses. Extra properties (Glance puts them at the top
+/// level) are kept as strings so a prefetch rule can match them.
+public struct GlanceImage: Sendable, Equatable, Codable {
+    public var id: String
+    public var name: String?
+    public var status: String
+    public var diskFormat: String?
+    public var containerFormat: String?
+    public var size: UInt64?
+    public var virtualSize: UInt64?
+    public var checksum: String?
+    public var osHashAlgo: String?
+    public var osHashValue: String?
+    public var tags: [String]
+    /// `locations[].url` plus `direct_url`, as shown when the deployment exposes them.
+    public var locations: [String]
+    public var properties: [String: String]
+
+    public init(id: String, name: String? = nil, status: String = "active", diskFormat: String? = nil,
+                containerFormat: String? = nil, size: UInt64? = nil, virtualSize: UInt64? = nil, checksum: String? = nil,
+                osHashAlgo: String? = nil, osHashValue: String? = nil, tags: [String] = [], locations: [String] = [],
+                properties: [String: String] = [:]) {
+        self.id = id
+        self.name = name
+        self.status = status
+        self.diskFormat = diskFormat
+        self.containerFormat = containerFormat
+        self.size = size
+        self.virtualSize = virtualSize
+        self.checksum = checksum
+        self.osHashAlgo = osHashAlgo
+        self.osHashValue = osHashValue
+        self.tags = tags
+        self.locations = locations
+        self.properties = properties
+    }
+
+    static let knownKeys: Set<String> = [
+        "id", "name", "status", "disk_format", "container_format", "size", "virtual_size", "checksum", "os_hash_algo",
+        "os_hash_value", "tags", "locations", "direct_url", "self", "file", "schema", "created_at", "updated_at",
+        "visibility", "protected", "min_ram", "min_disk", "owner", "os_hidden", "stores",
+    ]
+
+    /// Parses one image object of the v2 API.
+    public init(json o: [String: Any]) throws {
+        guard let id = o["id"] as? String else { throw GlanceError.malformedResponse(url: "image", detail: "no id") }
+        func u64(_ k: String) -> UInt64? { (o[k] as? NSNumber).flatMap { $0.int64Value >= 0 ? UInt64($0.int64Value) : nil } }
+        var locations = ((o["locations"] as? [[String: Any]]) ?? []).compactMap { $0["url"] as? String }
+        if let d = o["direct_url"] as? String, !locations.contains(d) { locations.append(d) }
+        var props: [String: String] = [:]
+        for (k, v) in o where !Self.knownKeys.contains(k) {
+            switch v {
+            case let s as String: props[k] = s
+            case let n as NSNumber: props[k] = n.stringValue
+            default: continue
+            }
+        }
+        self.init(id: id, name: o["name"] as? String, status: (o["status"] as? String) ?? "unknown",
+                  diskFormat: o["disk_format"] as? String, containerFormat: o["container_format"] as? String,
+                  size: u64("size"), virtualSize: u64("virtual_size"), checksum: o["checksum"] as? String,
+                  osHashAlgo: o["os_hash_algo"] as? String, osHashValue: o["os_hash_value"] as? String,
+                  tags: (o["tags"] as? [String]) ?? [], locations: locations, properties: props)
+    }
+
+    /// True when a property is set to a true value, as Glance and Nova spell booleans.
+    public func propertyIsTrue(_ key: String) -> Bool {
+        guard let v = properties[key]?.lowercased() else { return false }
+        return ["true", "yes", "1", "on"].contains(v)
+    }
+}
+
+/// Image ids are UUIDs in Glance. Anything else is refused before it reaches a URL or a path.
+public enum ImageID {
+    public static func isValid(_ s: String) -> Bool {
+        let u = Array(s.utf8)
+        guard u.count == 36 else { return false }
+        for (i, c) in u.enumerated() {
+            if i == 8 || i == 13 || i == 18 || i == 23 {
+                if c != UInt8(ascii: "-") { return false }
+            } else if !((c >= 48 && c <= 57) || (c >= 97 && c <= 102) || (c >= 65 && c <= 70)) {
+                return false
+            }
+        }
+        return true
+    }
+}

@@ -1,0 +1,205 @@
+import Agent
+import ArgumentParser
+import AsyncHTTPClient
+import Foundation
+import Logging
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `imgconv agent --config FILE`: the prefetch daemon and control API, in the foreground.
+struct AgentCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "agent",
+        abstract: "Run the image agent: verified Glance pre-cache and the control API on a Unix socket.",
+        discussion: "Runs in the foreground until SIGTERM or SIGINT, which abort running fetches cleanly and remove the socket.")
+
+    @Option(help: "The agent's INI config file (nova.conf style).") var config: String = "/etc/imgconv/agent.conf"
+    @Option(help: "Log level: trace, debug, info, notice, warning, error.") var logLevel: String = "info"
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let cfg: AgentConfig
+        do {
+            cfg = try AgentConfig.load(path: config)
+        } catch let e as ConfigError {
+            IMGConv.fail("\(e.message)", code: 2)
+        }
+        do {
+            try await AgentRunner.run(config: cfg, logger: Logger(label: "imgconv.agent"))
+        } catch {
+            IMGConv.fail("\(error)")
+        }
+    }
+}
+
+/// `imgconv cache ...`: talks to a running agent over its control socket.
+struct CacheCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cache",
+        abstract: "List, fetch, pin and evict images in a running agent's cache.",
+        subcommands: [List.self, Status.self, Fetch.self, Pin.self, Unpin.self, Evict.self, Verify.self])
+
+    struct SocketOption: ParsableArguments {
+        @Option(help: "The agent's control socket.") var socket: String =
+            ProcessInfo.processInfo.environment["IMGCONV_SOCKET"] ?? "/run/imgconv/agent.sock"
+        @Flag(help: "Print the agent's JSON.") var json = false
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the cached images.")
+        @OptionGroup var options: SocketOption
+        func run() async throws {
+            let (_, body) = try await ControlClient(options.socket).call("GET", "/v1/images")
+            if options.json { print(String(decoding: body, as: UTF8.self)); return }
+            let images = ((try? JSONSerialization.jsonObject(with: body)) as? [String: Any])?["images"] as? [[String: Any]] ?? []
+            print(pad("IMAGE", 36), pad("STATE", 10), pad("FORMAT", 7), pad("DISK", 10), pad("PINNED", 6), "NAME")
+            for i in images {
+                print(pad(i["id"] as? String ?? "", 36), pad(i["state"] as? String ?? "", 10), pad(i["stored_format"] as? String ?? "-", 7),
+                      pad(human((i["disk_bytes"] as? NSNumber)?.uint64Value ?? 0), 10),
+                      pad((i["pinned"] as? Bool ?? false) ? "yes" : "no", 6), i["name"] as? String ?? "")
+            }
+        }
+    }
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show one image's state.")
+        @OptionGroup var options: SocketOption
+        @Argument var id: String
+        func run() async throws {
+            let (_, body) = try await ControlClient(options.socket).call("GET", "/v1/images/\(escape(id))")
+            print(String(decoding: body, as: UTF8.self))
+        }
+    }
+
+    struct Fetch: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Ask the agent to cache an image.")
+        @OptionGroup var options: SocketOption
+        @Flag(help: "Wait until the image is ready, showing progress; exit non-zero if the fetch fails.") var wait = false
+        @Argument var id: String
+        func run() async throws {
+            let client = ControlClient(options.socket)
+            let (status, body) = try await client.call("PUT", "/v1/images/\(escape(id))")
+            let o = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any] ?? [:]
+            if status == 200 || !wait {
+                print(String(decoding: body, as: UTF8.self))
+                return
+            }
+            guard let jobID = o["id"] as? String else { IMGConv.fail("unexpected answer: \(String(decoding: body, as: UTF8.self))") }
+            let tty = isatty(2) != 0
+            var lastLine = ""
+            while true {
+                let (s, b) = try await client.call("GET", "/v1/jobs/\(jobID)")
+                guard s == 200, let job = (try? JSONSerialization.jsonObject(with: b)) as? [String: Any] else {
+                    IMGConv.fail("lost the job \(jobID): \(String(decoding: b, as: UTF8.self))")
+                }
+                let state = job["state"] as? String ?? "?"
+                let done = (job["bytes_done"] as? NSNumber)?.uint64Value ?? 0
+                let total = (job["bytes_total"] as? NSNumber)?.uint64Value ?? 0
+                let pct = total > 0 ? String(format: "%.1f%%", Double(done) * 100 / Double(total)) : "-"
+                let line = "\(state) \(human(done)) / \(human(total)) (\(pct))"
+                if line != lastLine {
+                    writeStderr(tty ? "\r\u{1b}[K" + line : line + "\n")
+                    lastLine = line
+                }
+                if state == "ready" {
+                    if tty { writeStderr("\n") }
+                    let (_, img) = try await client.call("GET", "/v1/images/\(escape(id))")
+                    print(String(decoding: img, as: UTF8.self))
+                    return
+                }
+                if state == "error" {
+                    if tty { writeStderr("\n") }
+                    IMGConv.fail("fetch of \(id) failed: \(job["error"] as? String ?? "unknown error")")
+                }
+                try await Task.sleep(nanoseconds: 200_000_000)
+            }
+        }
+    }
+
+    struct Pin: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Pin an image: never evicted.")
+        @OptionGroup var options: SocketOption
+        @Argument var id: String
+        func run() async throws {
+            let (_, body) = try await ControlClient(options.socket).call("PUT", "/v1/images/\(escape(id))/pin")
+            print(String(decoding: body, as: UTF8.self))
+        }
+    }
+
+    struct Unpin: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Unpin an image.")
+        @OptionGroup var options: SocketOption
+        @Argument var id: String
+        func run() async throws {
+            let (_, body) = try await ControlClient(options.socket).call("DELETE", "/v1/images/\(escape(id))/pin")
+            print(String(decoding: body, as: UTF8.self))
+        }
+    }
+
+    struct Evict: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove an image from the cache.")
+        @OptionGroup var options: SocketOption
+        @Argument var id: String
+        func run() async throws {
+            _ = try await ControlClient(options.socket).call("DELETE", "/v1/images/\(escape(id))")
+        }
+    }
+
+    struct Verify: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Re-verify a cached image against Glance's hashes now.")
+        @OptionGroup var options: SocketOption
+        @Argument var id: String
+        func run() async throws {
+            let (_, body) = try await ControlClient(options.socket).call("POST", "/v1/images/\(escape(id))/verify")
+            print(String(decoding: body, as: UTF8.self))
+        }
+    }
+}
+
+func escape(_ s: String) -> String {
+    s.addingPercentEncoding(withAllowedCharacters: .alphanumerics.union(CharacterSet(charactersIn: "-"))) ?? s
+}
+
+func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+
+func human(_ n: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    var v = Double(n)
+    var i = 0
+    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
+    return i == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[i])
+}
+
+/// HTTP/1.1 over the agent's Unix socket. Non-2xx answers end the command with the agent's message.
+struct ControlClient {
+    let socket: String
+    init(_ socket: String) { self.socket = socket }
+
+    func call(_ method: String, _ path: String) async throws -> (Int, Data) {
+        let encoded = socket.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? socket
+        var req = HTTPClientRequest(url: "http+unix://\(encoded)\(path)")
+        req.method = .init(rawValue: method)
+        let http = HTTPClient.shared
+        let response: HTTPClientResponse
+        do {
+            response = try await http.execute(req, timeout: .seconds(30))
+        } catch {
+            IMGConv.fail("cannot reach the agent on \(socket): \(error) (is `imgconv agent` running? --socket)")
+        }
+        let body = Data(try await response.body.collect(upTo: 64 << 20).readableBytesView)
+        let code = Int(response.status.code)
+        if code >= 400 {
+            let o = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any]
+            let message = (o?["error"] as? [String: Any])?["message"] as? String ?? String(decoding: body, as: UTF8.self)
+            IMGConv.fail("\(method) \(path): HTTP \(code): \(message)")
+        }
+        return (code, body)
+    }
+}

@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# A real Keystone 30 and Glance 33 (PyPI, under gunicorn, sqlite, file store) on 127.0.0.1, for the agent's
+# end-to-end tests and benchmarks. Nothing is mocked: Glance sits behind keystonemiddleware.
+#
+#   scripts/openstack-fixture.sh start    install (first time, ~1-2 min) and start; prints the env file
+#   scripts/openstack-fixture.sh stop     stop both servers (state is kept until the next start)
+#   scripts/openstack-fixture.sh env      print the env file path
+#
+# Settings (environment): IMGCONV_FIXTURE_DIR (default /tmp/imgconv-openstack), KEYSTONE_PORT (5050),
+# GLANCE_PORT (9292), PYTHON (python3).
+#
+# After start, $IMGCONV_FIXTURE_DIR/env holds what tests need:
+#   KEYSTONE_URL, GLANCE_URL, OS_* for the admin and the demo user, GLANCE_STORE_DIR (the file store, so a test can
+#   corrupt an image behind Glance's back), GLANCE_ACCESS_LOG (one line per request, to count GET /file).
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+BASE=${IMGCONV_FIXTURE_DIR:-/tmp/imgconv-openstack}
+KS_PORT=${KEYSTONE_PORT:-5050}
+G_PORT=${GLANCE_PORT:-9292}
+PY=${PYTHON:-python3}
+VENV=$BASE/venv ETC=$BASE/etc STATE=$BASE/state LOG=$BASE/log RUN=$BASE/run
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONWARNINGS=ignore
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+stop_one() {  # pidfile name
+    local f=$1 pid kids k
+    [ -f "$f" ] || return 0
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+        kids=$(pgrep -P "$pid" || true)
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        kill -KILL "$pid" 2>/dev/null || true
+        for k in $kids; do kill -KILL "$k" 2>/dev/null || true; done
+        echo "$2 stopped"
+    fi
+    rm -f "$f"
+}
+
+wait_http() {  # url expected-code seconds
+    local code=000 deadline=$(( $(date +%s) + $3 ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        code=$(curl -m 5 -s -o /dev/null -w '%{http_code}' "$1" || true)
+        [ "$code" = "$2" ] && return 0
+        sleep 0.25
+    done
+    echo "$1 did not answer $2 (last: $code)" >&2
+    return 1
+}
+
+start() {
+    if alive "$RUN/glance.pid" || alive "$RUN/keystone.pid"; then
+        echo "already running; run '$0 stop' first" >&2
+        exit 1
+    fi
+    mkdir -p "$BASE" "$LOG" "$RUN"
+    if ! "$VENV/bin/python" -c 'import glance, keystone, gunicorn' 2>/dev/null; then
+        echo "installing glance, keystone and gunicorn into $VENV (pinned by scripts/openstack-constraints.txt)"
+        "$PY" -m venv "$VENV"
+        "$VENV/bin/pip" install -q pip==26.3 || true
+        "$VENV/bin/pip" install -q -c "$HERE/openstack-constraints.txt" glance keystone gunicorn
+    fi
+    rm -rf "$STATE" "$ETC" "$LOG"/*
+    mkdir -p "$STATE/images" "$STATE/staging" "$STATE/tasks" "$STATE/cache" "$STATE/keystone/fernet" \
+        "$STATE/keystone/credential" "$ETC" "$LOG"
+
+    # ---- Keystone: sqlite, fernet tokens; gunicorn must not hand its argv to oslo.config.
+    cat >"$ETC/keystone.conf" <<EOF
+[DEFAULT]
+log_file = $LOG/keystone.log
+[database]
+connection = sqlite:///$STATE/keystone/keystone.sqlite
+[token]
+provider = fernet
+expiration = ${KEYSTONE_TOKEN_EXPIRATION:-3600}
+[fernet_tokens]
+key_repository = $STATE/keystone/fernet
+[credential]
+key_repository = $STATE/keystone/credential
+EOF
+    cat >"$ETC/keystone_wsgi.py" <<'EOF'
+import sys
+sys.argv = sys.argv[:1]
+from keystone.server import wsgi
+application = wsgi.initialize_public_application()
+EOF
+    local km=("$VENV/bin/keystone-manage" --config-file "$ETC/keystone.conf")
+    {
+        "${km[@]}" db_sync
+        "${km[@]}" fernet_setup --keystone-user "$(id -un)" --keystone-group "$(id -gn)"
+        "${km[@]}" credential_setup --keystone-user "$(id -un)" --keystone-group "$(id -gn)"
+        "${km[@]}" bootstrap --bootstrap-password secret --bootstrap-region-id RegionOne \
+            --bootstrap-public-url "http://127.0.0.1:$KS_PORT/v3/" --bootstrap-internal-url "http://127.0.0.1:$KS_PORT/v3/"
+    } >>"$LOG/keystone-manage.log" 2>&1
+    OS_KEYSTONE_CONFIG_DIR=$ETC "$VENV/bin/gunicorn" --daemon --no-control-socket --chdir "$ETC" \
+        --bind "127.0.0.1:$KS_PORT" --workers 1 --threads 4 --timeout 120 --pid "$RUN/keystone.pid" \
+        --error-logfile "$LOG/keystone-gunicorn.log" keystone_wsgi:application
+    wait_http "http://127.0.0.1:$KS_PORT/v3" 200 120
+
+    local K=http://127.0.0.1:$KS_PORT/v3
+    token() {  # user password project
+        curl -m 30 -sf -D - -o /dev/null -X POST "$K/auth/tokens" -H 'Content-Type: application/json' \
+            -d "{\"auth\":{\"identity\":{\"methods\":[\"password\"],\"password\":{\"user\":{\"name\":\"$1\",\"domain\":{\"id\":\"default\"},\"password\":\"$2\"}}},\"scope\":{\"project\":{\"name\":\"$3\",\"domain\":{\"id\":\"default\"}}}}}" \
+            | awk 'tolower($1)=="x-subject-token:"{print $2}' | tr -d '\r'
+    }
+    local ADM; ADM=$(token admin secret admin)
+    local H=(-H "X-Auth-Token: $ADM" -H 'Content-Type: application/json')
+    kpost() { curl -m 30 -sf -X POST "$K/$1" "${H[@]}" -d "$2"; }
+    jid() { "$VENV/bin/python" -c "import json,sys;print(json.load(sys.stdin)['$1']['id'])"; }
+    role() { curl -m 30 -sf "$K/roles?name=$1" "${H[@]}" | "$VENV/bin/python" -c 'import json,sys;print(json.load(sys.stdin)["roles"][0]["id"])'; }
+    local SVC DEMO GU DU IMG
+    SVC=$(kpost projects '{"project":{"name":"service","domain_id":"default"}}' | jid project)
+    DEMO=$(kpost projects '{"project":{"name":"demo","domain_id":"default"}}' | jid project)
+    GU=$(kpost users '{"user":{"name":"glance","domain_id":"default","password":"glancepw"}}' | jid user)
+    DU=$(kpost users '{"user":{"name":"demo","domain_id":"default","password":"demopw"}}' | jid user)
+    curl -m 30 -sf -X PUT "$K/projects/$SVC/users/$GU/roles/$(role admin)" "${H[@]}"
+    curl -m 30 -sf -X PUT "$K/projects/$SVC/users/$GU/roles/$(role service)" "${H[@]}"
+    curl -m 30 -sf -X PUT "$K/projects/$DEMO/users/$DU/roles/$(role member)" "${H[@]}"
+    IMG=$(kpost services '{"service":{"name":"glance","type":"image"}}' | jid service)
+    for iface in public internal; do
+        kpost endpoints "{\"endpoint\":{\"service_id\":\"$IMG\",\"interface\":\"$iface\",\"url\":\"http://127.0.0.1:$G_PORT\",\"region_id\":\"RegionOne\"}}" >/dev/null
+    done
+
+    # ---- Glance: keystone paste flavor, file store, locations shown (the rbd clone path reads them).
+    cat >"$ETC/glance-api.conf" <<EOF
+[DEFAULT]
+debug = false
+log_file = $LOG/glance-api.log
+enabled_backends = file1:file
+show_image_direct_url = true
+show_multiple_locations = true
+image_cache_dir = $STATE/cache
+worker_self_reference_url = http://127.0.0.1:$G_PORT
+[database]
+connection = sqlite:///$STATE/glance.sqlite
+[glance_store]
+default_backend = file1
+[file1]
+filesystem_store_datadir = $STATE/images
+[os_glance_staging_store]
+filesystem_store_datadir = $STATE/staging
+[os_glance_tasks_store]
+filesystem_store_datadir = $STATE/tasks
+[paste_deploy]
+flavor = keystone
+config_file = $ETC/glance-api-paste.ini
+[keystone_authtoken]
+www_authenticate_uri = $K
+auth_url = http://127.0.0.1:$KS_PORT
+auth_type = password
+username = glance
+password = glancepw
+project_name = service
+user_domain_name = Default
+project_domain_name = Default
+interface = internal
+EOF
+    cat >"$ETC/glance-api-paste.ini" <<'EOF'
+[composite:glance-api-keystone]
+paste.composite_factory = glance.api:root_app_factory
+/: api
+/healthcheck: healthcheck
+[composite:api]
+paste.composite_factory = glance.api:pipeline_factory
+keystone = http_proxy_to_wsgi versionnegotiation authtoken context rootapp
+[composite:rootapp]
+paste.composite_factory = glance.api:root_app_factory
+/: apiversions
+/v2: apiv2app
+[app:apiversions]
+paste.app_factory = glance.api.versions:create_resource
+[app:apiv2app]
+paste.app_factory = glance.api.v2.router:API.factory
+[app:healthcheck]
+paste.app_factory = oslo_middleware:Healthcheck.app_factory
+backends = disable_by_file
+disable_by_file_path = /nonexistent
+[filter:versionnegotiation]
+paste.filter_factory = glance.api.middleware.version_negotiation:VersionNegotiationFilter.factory
+[filter:context]
+paste.filter_factory = glance.api.middleware.context:ContextMiddleware.factory
+[filter:authtoken]
+paste.filter_factory = keystonemiddleware.auth_token:filter_factory
+delay_auth_decision = true
+[filter:http_proxy_to_wsgi]
+paste.filter_factory = oslo_middleware:HTTPProxyToWSGI.factory
+EOF
+    "$VENV/bin/glance-manage" --config-file "$ETC/glance-api.conf" db_sync >>"$LOG/glance-manage.log" 2>&1
+    OS_GLANCE_CONFIG_DIR=$ETC "$VENV/bin/gunicorn" --daemon --no-control-socket --bind "127.0.0.1:$G_PORT" \
+        --workers 1 --threads 8 --timeout 600 --pid "$RUN/glance.pid" --access-logfile "$LOG/access.log" \
+        --error-logfile "$LOG/glance-gunicorn.log" glance.wsgi.api:application
+    wait_http "http://127.0.0.1:$G_PORT/healthcheck" 200 120
+    local code
+    code=$(curl -m 30 -s -o /dev/null -w '%{http_code}' -H "X-Auth-Token: $(token admin secret admin)" "http://127.0.0.1:$G_PORT/v2/images")
+    [ "$code" = 200 ] || { echo "glance answered $code on /v2/images; see $LOG" >&2; tail -20 "$LOG/glance-api.log" >&2; exit 1; }
+
+    cat >"$BASE/env" <<EOF
+KEYSTONE_URL=$K
+GLANCE_URL=http://127.0.0.1:$G_PORT
+OS_AUTH_URL=$K
+OS_USERNAME=admin
+OS_PASSWORD=secret
+OS_PROJECT_NAME=admin
+DEMO_USERNAME=demo
+DEMO_PASSWORD=demopw
+DEMO_PROJECT_NAME=demo
+GLANCE_STORE_DIR=$STATE/images
+GLANCE_ACCESS_LOG=$LOG/access.log
+EOF
+    echo "keystone on :$KS_PORT, glance on :$G_PORT; env in $BASE/env"
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop_one "$RUN/glance.pid" glance; stop_one "$RUN/keystone.pid" keystone ;;
+    env) echo "$BASE/env" ;;
+    *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+esac
