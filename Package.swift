@@ -92,9 +92,15 @@ let package = Package(
         .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "FuzzKit"]),
         .testTarget(name: "ConvertTests", dependencies: ["Convert", "ImageFormats"]),
         .testTarget(name: "imgconvTests", dependencies: ["Convert", "ImageFormats", "imgconv"]),
-        .testTarget(name: "GlanceTests", dependencies: ["Glance"]),
+        // Test support: the real Keystone/Glance fixture (scripts/openstack-fixture.sh) and the misbehaving proxy.
+        .target(
+            name: "OpenStackFixture",
+            dependencies: [.product(name: "AsyncHTTPClient", package: "async-http-client")],
+            path: "Tests/OpenStackFixture"
+        ),
+        .testTarget(name: "GlanceTests", dependencies: ["Glance", "OpenStackFixture"]),
         .testTarget(name: "CacheTests", dependencies: ["Cache", "Glance", "ImageFormats"]),
-        .testTarget(name: "AgentTests", dependencies: ["Agent", "Cache", "Glance"]),
+        .testTarget(name: "AgentTests", dependencies: ["Agent", "Cache", "Glance", "OpenStackFixture", "imgconv"]),
     ]
 )
 

@@ -32,6 +32,13 @@ public struct DownloadResult: Sendable {
     public var resumes: Int
     /// Servers that answered a Range request with the whole body (the prefix was skipped).
     public var rangeIgnored: Int
+
+    public init(bytes: UInt64, hashes: [String: String], resumes: Int, rangeIgnored: Int) {
+        self.bytes = bytes
+        self.hashes = hashes
+        self.resumes = resumes
+        self.rangeIgnored = rangeIgnored
+    }
 }
 
 /// Progress callback: bytes received so far.
@@ -112,6 +119,7 @@ public final class VerifiedDownload: @unchecked Sendable {
 
         while true {
             var progressed = false
+            let attemptStart = received
             do {
                 if received > 0 { resumes += 1 }
                 let (response, url) = try await client.openFile(image.id, offset: received)
@@ -146,8 +154,10 @@ public final class VerifiedDownload: @unchecked Sendable {
                         skip -= UInt64(n)
                         if buffer.readableBytes == 0 { continue }
                     }
-                    progressed = true
                     received += UInt64(buffer.readableBytes)
+                    // Only real progress restarts the retry count: a server that dribbles a few bytes per
+                    // connection must still run out of attempts.
+                    progressed = received - attemptStart >= Self.meaningfulProgress
                     if let size = image.size, received > size {
                         throw GlanceError.sizeMismatch(imageID: image.id, expected: size, actual: received)
                     }
@@ -190,6 +200,9 @@ public final class VerifiedDownload: @unchecked Sendable {
     }
 
     struct Retryable: Error { var detail: String }
+
+    /// Bytes an attempt must deliver before its failure counts as a fresh start.
+    static let meaningfulProgress: UInt64 = 1 << 20
 
     private func backoff(_ failures: inout Int, progressed: Bool, detail: String) async throws {
         if progressed { failures = 0 }

@@ -1,0 +1,197 @@
+import Foundation
+import Glance
+import ImageFormats
+import Testing
+@testable import Cache
+
+@Suite("image cache")
+struct ImageCacheTests {
+    func makeCache(_ dir: String, source: FakeSource, maxSize: UInt64 = 1 << 30, forceRaw: Bool = false,
+                   layout: CacheConfig.Layout = .nova) throws -> ImageCache {
+        try ImageCache(config: CacheConfig(directory: dir, maxSize: maxSize, layout: layout, forceRaw: forceRaw), source: source)
+    }
+
+    @Test func fiftyConcurrentRequestsMakeOneDownload() async throws {
+        let dir = try temporaryDirectory("flight")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource(delayPerBlock: 2_000_000)
+        let bytes = pseudoRandom(2 << 20, seed: 7)
+        let id = source.add(bytes)
+        let cache = try makeCache(dir, source: source)
+        let paths = try await withThrowingTaskGroup(of: String.self) { g in
+            for _ in 0..<50 { g.addTask { try await cache.fetch(id).path ?? "" } }
+            return try await g.reduce(into: [String]()) { $0.append($1) }
+        }
+        #expect(source.downloads.load(ordering: .relaxed) == 1)
+        #expect(source.shows.load(ordering: .relaxed) < 50)
+        #expect(Set(paths).count == 1)
+        #expect(FileManager.default.contents(atPath: paths[0]) == Data(bytes))
+        // Nova's _base names files sha1(image id).
+        #expect(paths[0].hasSuffix("/" + CacheConfig(directory: dir).fileName(for: id)))
+        #expect(paths[0].split(separator: "/").last!.count == 40)
+        // A later request is a hit and downloads nothing.
+        _ = try await cache.fetch(id)
+        #expect(source.downloads.load(ordering: .relaxed) == 1)
+        #expect(await cache.metrics.hits >= 1)
+    }
+
+    @Test func evictsLeastRecentlyUsedButNeverPinnedOrInUse() async throws {
+        let dir = try temporaryDirectory("lru")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        let mib = 1 << 20
+        let a = source.add(pseudoRandom(mib, seed: 1)), b = source.add(pseudoRandom(mib, seed: 2))
+        let c = source.add(pseudoRandom(mib, seed: 3)), d = source.add(pseudoRandom(mib, seed: 4))
+        let e = source.add(pseudoRandom(mib, seed: 5))
+        let cache = try makeCache(dir, source: source, maxSize: UInt64(3 * mib + mib / 2), layout: .id)
+        for id in [a, b, c] { _ = try await cache.fetch(id) }
+        try await Task.sleep(nanoseconds: 10_000_000)
+        _ = try await cache.fetch(a)                  // a is now the most recently used
+        _ = try await cache.setPinned(b, true)        // b is the least recently used but pinned
+        _ = try await cache.fetch(d)                  // needs room: c goes (LRU among unpinned)
+        #expect(try await cache.image(c) == nil)
+        #expect(try await cache.image(b)?.state == .ready)
+        #expect(cacheFiles(dir) == [a, b, d].sorted())
+        // With a in use and b pinned, e evicts d; then nothing is left to evict.
+        _ = try await cache.acquire(a)
+        _ = try await cache.fetch(e)
+        #expect(cacheFiles(dir) == [a, b, e].sorted())
+        _ = try await cache.setPinned(e, true)
+        await #expect(throws: CacheError.self) { try await cache.fetch(c) }
+        do {
+            _ = try await cache.fetch(c)
+        } catch let err as CacheError {
+            guard case .noRoom = err else { Issue.record("expected noRoom, got \(err)"); return }
+            #expect(err.description.contains("max_size"))
+        }
+        #expect(cacheFiles(dir) == [a, b, e].sorted())
+        await #expect(throws: CacheError.busy(id: a, why: "in use")) { try await cache.evict(a) }
+        await #expect(throws: CacheError.busy(id: b, why: "pinned (unpin it first)")) { try await cache.evict(b) }
+        await cache.release(a)
+        try await cache.evict(a)
+        #expect(cacheFiles(dir) == [b, e].sorted())
+        #expect(try await cache.usedBytes() == UInt64(2 * mib))
+    }
+
+    @Test func corruptDownloadLeavesNothing() async throws {
+        let dir = try temporaryDirectory("corrupt")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        let id = source.add(pseudoRandom(300_000, seed: 9), corruptAfterHash: true)
+        let cache = try makeCache(dir, source: source)
+        await #expect(throws: CacheError.self) { try await cache.fetch(id) }
+        #expect(cacheFiles(dir) == [])
+        let row = try await cache.image(id)
+        #expect(row?.state == .error)
+        #expect(row?.error?.contains("sha512") == true)
+        #expect(await cache.allJobs().last?.state == .error)
+    }
+
+    @Test func hostileImagesAreRefusedAndNeverReady() async throws {
+        let dir = try temporaryDirectory("hostile")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        let qcow2 = [UInt8](FileManager.default.contents(atPath: samples + "/qcow2-v3.qcow2")!)
+        // A qcow2 registered as raw (CVE-2024-40767): refused by the first block's check.
+        let asRaw = source.add(qcow2, diskFormat: "raw")
+        // Random bytes registered as qcow2.
+        let notQcow = source.add(pseudoRandom(200_000, seed: 3), diskFormat: "qcow2")
+        // A qcow2 with a backing file pointing at a host file: passes the prefix check, refused by the full inspection.
+        var backed = qcow2
+        let name = Array("/etc/passwd".utf8)
+        for i in 0..<8 { backed[8 + i] = UInt8(truncatingIfNeeded: UInt64(0xF00) >> (56 - 8 * i)) }
+        for i in 0..<4 { backed[16 + i] = UInt8(truncatingIfNeeded: UInt32(name.count) >> (24 - 8 * i)) }
+        backed.replaceSubrange(0xF00..<0xF00 + name.count, with: name)
+        let withBacking = source.add(backed, diskFormat: "qcow2")
+        let unsupported = source.add([1, 2, 3], diskFormat: "vhdx")
+        let cache = try makeCache(dir, source: source)
+        for (id, needle) in [(asRaw, "format-mismatch"), (notQcow, "format-mismatch"), (withBacking, "backing")] {
+            do {
+                _ = try await cache.fetch(id)
+                Issue.record("\(id) was cached")
+            } catch let e as CacheError {
+                guard case let .unsafe(_, reasons) = e else { Issue.record("\(e)"); continue }
+                #expect(reasons.joined().contains(needle), "\(reasons)")
+            }
+            #expect(try await cache.image(id)?.state == .error)
+        }
+        await #expect(throws: CacheError.unsupportedFormat(id: unsupported, diskFormat: "vhdx", containerFormat: "bare")) {
+            try await cache.fetch(unsupported)
+        }
+        #expect(cacheFiles(dir) == [])
+        #expect(await cache.metrics.errors["unsafe"] == 3)
+    }
+
+    @Test func forceRawConvertsOnArrival() async throws {
+        let dir = try temporaryDirectory("forceraw")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        let id = source.add([UInt8](FileManager.default.contents(atPath: samples + "/qcow2-zlib.qcow2")!), diskFormat: "qcow2")
+        let cache = try makeCache(dir, source: source, forceRaw: true)
+        let row = try await cache.fetch(id)
+        #expect(row.storedFormat == "raw")
+        #expect(row.diskFormat == "qcow2")
+        #expect(FileManager.default.contents(atPath: row.path!) == FileManager.default.contents(atPath: samples + "/base.raw"))
+        #expect(cacheFiles(dir).count == 1)
+        // The raw file is sparse: it occupies less than its size.
+        #expect(row.diskBytes < row.virtualSize!)
+    }
+
+    @Test func startupRemovesOrphansAndInterruptedRows() async throws {
+        let dir = try temporaryDirectory("reconcile")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        let good = source.add(pseudoRandom(100_000, seed: 1))
+        let gone = source.add(pseudoRandom(100_000, seed: 2))
+        do {
+            let cache = try makeCache(dir, source: source, layout: .id)
+            _ = try await cache.fetch(good)
+            _ = try await cache.fetch(gone)
+        }
+        // What a kill -9 leaves: a temporary file, a row stuck in fetching, and a file deleted behind our back.
+        let config = CacheConfig(directory: dir, layout: .id)
+        FileManager.default.createFile(atPath: dir + "/.\(UUID().uuidString.lowercased()).imgconv-4242-0", contents: Data([1, 2, 3]))
+        let index = try CacheIndex(path: config.indexPath)
+        var stuck = CachedImage(id: UUID().uuidString.lowercased(), diskFormat: "raw", state: .fetching)
+        stuck.bytesDone = 42
+        try index.save(stuck)
+        try FileManager.default.removeItem(atPath: dir + "/" + gone)
+        let cache = try makeCache(dir, source: source, layout: .id)
+        #expect(cacheFiles(dir) == [good])
+        #expect(try await cache.images().map(\.id) == [good])
+        // The lost image is fetched again on demand.
+        _ = try await cache.fetch(gone)
+        #expect(cacheFiles(dir) == [good, gone].sorted())
+    }
+
+    @Test func scrubFindsAFileChangedOnDisk() async throws {
+        let dir = try temporaryDirectory("scrub")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        let id = source.add(pseudoRandom(500_000, seed: 4))
+        let cache = try makeCache(dir, source: source)
+        let row = try await cache.fetch(id)
+        #expect(try await cache.scrub().allSatisfy(\.ok))
+        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: row.path!))
+        try h.seek(toOffset: 1000)
+        h.write(Data([0x42]))
+        try h.close()
+        let r = try await cache.scrub([id])
+        #expect(r.count == 1 && !r[0].ok)
+        #expect(!FileManager.default.fileExists(atPath: row.path!))
+        #expect(try await cache.image(id)?.state == .error)
+    }
+
+    @Test func malformedIDsNeverReachAPath() async throws {
+        let dir = try temporaryDirectory("ids")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let cache = try makeCache(dir, source: FakeSource())
+        for bad in ["../../etc/passwd", "", "x", "0000000-0000-0000-0000-0000000000000", "zzzzzzzz-0000-0000-0000-000000000000"] {
+            await #expect(throws: CacheError.invalidID(bad)) { try await cache.fetch(bad) }
+            await #expect(throws: CacheError.invalidID(bad)) { try await cache.evict(bad) }
+        }
+        await #expect(throws: CacheError.upstream(.imageNotFound("00000000-0000-0000-0000-000000000000"))) {
+            try await cache.fetch("00000000-0000-0000-0000-000000000000")
+        }
+    }
+}
