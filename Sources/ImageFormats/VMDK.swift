@@ -479,6 +479,8 @@ public struct SparseExtent: Sendable {
 
     /// The compressed bytes of the grain at `host`: after a 12-byte marker (lba, size) with markers.
     func compressedRange(host: UInt64, storage: any ImageStorage) throws -> (UInt64, UInt64) {
+        // check() reaches here without segment()'s range check: a grain past the end is an error, not an overflow.
+        try storage.checkRange(offset: host, length: 1, what: "vmdk compressed grain")
         guard hasMarkers else { return (host, min(storage.size - host, grainBytes * 2 + 512)) }
         let m = try storage.readBytes(at: host, count: 12, what: "vmdk grain marker")
         let size = UInt64(m.le32(8))
