@@ -101,6 +101,12 @@ public enum AgentRunner {
             }
         }
         // SIGTERM / SIGINT: stop taking work, end event streams, abort running fetches, stop the server.
+        // A parent (a test runner, a shell script) may have started us with these blocked.
+        var unblock = sigset_t()
+        sigemptyset(&unblock)
+        sigaddset(&unblock, SIGTERM)
+        sigaddset(&unblock, SIGINT)
+        pthread_sigmask(SIG_UNBLOCK, &unblock, nil)
         signal(SIGTERM, SIG_IGN)
         signal(SIGINT, SIG_IGN)
         var sources: [DispatchSourceSignal] = []

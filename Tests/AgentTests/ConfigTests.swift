@@ -1,0 +1,101 @@
+import Foundation
+import Testing
+@testable import Agent
+
+@Suite("agent config")
+struct ConfigTests {
+    let minimal = """
+    [glance]
+    auth_url = http://127.0.0.1:5000/v3
+    username = nova
+    password = secret
+    project_name = service
+    """
+
+    @Test func parsesEverySection() throws {
+        let c = try AgentConfig.parse("""
+        # nova.conf style
+        [agent]
+        socket_path = /run/imgconv/a.sock
+        socket_mode = 0640
+        socket_group = nova
+        allowed_uids = 0, 64060
+        allowed_gids = 117
+        state_dir = /var/lib/imgconv
+        [glance]
+        api_servers = http://glance-a:9292, https://glance-b:9292
+        auth_type = v3applicationcredential
+        auth_url = http://keystone:5000
+        application_credential_id = abc
+        application_credential_secret = s3cret
+        region_name = RegionTwo
+        verify_hash = false
+        [cache]
+        directory = /var/lib/nova/instances/_base
+        max_size = 50G
+        min_free = 1.5G
+        layout = id
+        force_raw = true
+        scrub_interval = 1d
+        [prefetch]
+        images = 198F71F9-53E4-45B9-916D-5EA25EE3ABF2
+        property = agent_cache
+        tag = golden
+        interval = 10m
+        concurrency = 4
+        bandwidth_limit = 100M
+        """)
+        #expect(c.agent.socketMode == 0o640 && c.agent.allowedUIDs == [0, 64060] && c.agent.allowedGIDs == [117])
+        #expect(c.glance.apiServers == ["http://glance-a:9292", "https://glance-b:9292"])
+        #expect(c.glance.authType == .v3applicationcredential && c.glance.regionName == "RegionTwo" && !c.glance.verifyHash)
+        #expect(c.cache.maxSize == 50 << 30 && c.cache.minFree == 3 << 29 && c.cache.layout == .id && c.cache.forceRaw)
+        #expect(c.cache.scrubInterval == 86400)
+        #expect(c.prefetch.images == ["198f71f9-53e4-45b9-916d-5ea25ee3abf2"])
+        #expect(c.prefetch.interval == 600 && c.prefetch.concurrency == 4 && c.prefetch.bandwidthLimit == 100 << 20)
+        #expect(c.cacheDirectory == "/var/lib/nova/instances/_base")
+    }
+
+    @Test func defaultsAreSafe() throws {
+        let c = try AgentConfig.parse(minimal)
+        #expect(c.agent.socketMode == 0o660 && c.agent.allowedUIDs.isEmpty)
+        #expect(c.cache.layout == .nova && !c.cache.forceRaw && c.glance.verifyHash)
+        #expect(c.cacheDirectory == "/var/lib/imgconv/cache")
+    }
+
+    @Test func badInputNamesTheKey() {
+        func message(_ text: String) -> String {
+            do { _ = try AgentConfig.parse(text, name: "agent.conf"); return "" } catch { return "\(error)" }
+        }
+        #expect(message(minimal + "\n[cache]\nmax_sise = 5G") == "agent.conf:7: [cache] max_sise: unknown key")
+        #expect(message(minimal + "\n[cache]\nmax_size = lots").contains("[cache] max_size: 'lots' is not a size"))
+        #expect(message(minimal + "\n[cache]\nlayout = flat").contains("[cache] layout: 'flat' is not nova or id"))
+        #expect(message(minimal + "\n[agent]\nsocket_mode = 0999").contains("[agent] socket_mode"))
+        #expect(message(minimal + "\n[agent]\nstate_dir = relative/dir").contains("absolute path"))
+        #expect(message(minimal + "\n[agent]\nstate_dir = /var/../etc").contains("absolute path"))
+        #expect(message(minimal + "\n[prefetch]\nimages = ../../etc/passwd").contains("not an image id"))
+        #expect(message(minimal + "\n[libvirt]\nimages_type = rbd").contains("unknown section [libvirt]"))
+        #expect(message(minimal + "\n[glance]\nusername = x").contains("set twice"))
+        #expect(message("[glance]\nauth_url = http://k:5000\n").contains("username is required"))
+        #expect(message("[glance]\nauth_type = token\n").contains("auth_type"))
+        #expect(message("stray = 1").contains("outside any section"))
+    }
+
+    @Test func sizesAndDurations() throws {
+        #expect(try AgentConfig.size("4096") == 4096)
+        #expect(try AgentConfig.size("512M") == 512 << 20)
+        #expect(try AgentConfig.size("2GiB") == 2 << 30)
+        #expect(try AgentConfig.size("1T") == 1 << 40)
+        #expect(throws: ConfigError.self) { try AgentConfig.size("-1G") }
+        #expect(try AgentConfig.duration("90") == 90)
+        #expect(try AgentConfig.duration("2h") == 7200)
+        #expect(throws: ConfigError.self) { try AgentConfig.duration("soon") }
+    }
+
+    @Test func peerPolicy() {
+        let p = PeerPolicy(allowedUIDs: [1000], allowedGIDs: [117])
+        #expect(p.allows(uid: 0, gid: 0))
+        #expect(p.allows(uid: 1000, gid: 1000))
+        #expect(p.allows(uid: 2000, gid: 117))
+        #expect(!p.allows(uid: 65534, gid: 65534))
+    }
+}
