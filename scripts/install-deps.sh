@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs what imgconv needs to build and test on Debian 12: zlib and zstd headers (build), qemu-utils
-# (qemu-img and qemu-io: the test oracle and benchmark peer only; imgconv never runs them).
+# Installs what imgconv needs to build and test on Debian 12: zlib, zstd, libdeflate and sqlite headers (build),
+# qemu-utils (qemu-img and qemu-io: the test oracle and benchmark peer only; imgconv never runs them), and for the
+# Keystone/Glance test fixture python3-venv and curl.
 # Needs root or sudo. Skips apt entirely when everything is already there.
 set -euo pipefail
-packages=(zlib1g-dev libzstd-dev libdeflate-dev qemu-utils)
+packages=(zlib1g-dev libzstd-dev libdeflate-dev libsqlite3-dev qemu-utils python3-venv curl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
