@@ -49,23 +49,29 @@ public indirect enum JSON: Sendable, Equatable {
     }
 
     public static func quote(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 {
-                    let h = Array("0123456789abcdef")
-                    out += "\\u00" + String(h[Int(u.value >> 4)]) + String(h[Int(u.value & 15)])
-                } else {
-                    out.unicodeScalars.append(u)
-                }
+        // Works on UTF-8 bytes: escapes are all ASCII, and a forged image can carry long names (fuzzing found the
+        // per-scalar version to dominate the inspection of such inputs).
+        let utf8 = s.utf8
+        if !utf8.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) {
+            return "\"" + s + "\""
+        }
+        let hex: [UInt8] = Array("0123456789abcdef".utf8)
+        let backslash = UInt8(ascii: "\\")
+        var out: [UInt8] = [UInt8(ascii: "\"")]
+        out.reserveCapacity(utf8.count * 2 + 2)
+        for b in utf8 {
+            switch b {
+            case UInt8(ascii: "\""), backslash: out.append(backslash); out.append(b)
+            case 0x0a: out.append(backslash); out.append(UInt8(ascii: "n"))
+            case 0x0d: out.append(backslash); out.append(UInt8(ascii: "r"))
+            case 0x09: out.append(backslash); out.append(UInt8(ascii: "t"))
+            case 0..<0x20:
+                out.append(backslash); out.append(UInt8(ascii: "u")); out.append(UInt8(ascii: "0")); out.append(UInt8(ascii: "0"))
+                out.append(hex[Int(b >> 4)]); out.append(hex[Int(b & 15)])
+            default: out.append(b)
             }
         }
-        return out + "\""
+        out.append(UInt8(ascii: "\""))
+        return String(decoding: out, as: UTF8.self)
     }
 }
