@@ -195,3 +195,63 @@ struct ImageCacheTests {
         }
     }
 }
+
+/// Whether this machine lets us mount a tmpfs (root, not in a restricted container): CI does.
+let canMountTmpfs: Bool = {
+    guard getuid() == 0 else { return false }
+    let dir = NSTemporaryDirectory() + "imgconv-mountprobe-\(UUID().uuidString.prefix(8))"
+    try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    func run(_ args: [String]) -> Bool {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = args
+        p.standardError = FileHandle.nullDevice
+        guard (try? p.run()) != nil else { return false }
+        p.waitUntilExit()
+        return p.terminationStatus == 0
+    }
+    guard run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", dir]) else { return false }
+    return run(["umount", dir])
+}()
+
+/// A full file system (a 2 MiB tmpfs) fails the fetch cleanly with nothing left behind.
+@Suite("image cache on a full disk", .enabled(if: canMountTmpfs))
+struct FullDiskTests {
+    @Test func enospcFailsCleanly() async throws {
+        let dir = try temporaryDirectory("enospc")
+        let mountPoint = dir + "/small"
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mountPoint]
+        try p.run()
+        p.waitUntilExit()
+        try #require(p.terminationStatus == 0, "mount tmpfs failed")
+        defer {
+            let u = Process()
+            u.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            u.arguments = ["umount", mountPoint]
+            try? u.run()
+            u.waitUntilExit()
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        let source = FakeSource()
+        let small = source.add(pseudoRandom(256 << 10, seed: 1))
+        let big = source.add(pseudoRandom(3 << 20, seed: 2))
+        // The index lives elsewhere; max_size does not stop it: the disk does.
+        let cache = try ImageCache(config: CacheConfig(directory: mountPoint, indexPath: dir + "/index.sqlite", maxSize: 1 << 30),
+                                   source: source)
+        _ = try await cache.fetch(small)
+        do {
+            _ = try await cache.fetch(big)
+            Issue.record("a 3 MiB image fit on a 2 MiB file system")
+        } catch let e as CacheError {
+            guard case let .io(message) = e else { Issue.record("\(e)"); return }
+            #expect(message.contains("ENOSPC") || message.contains("full"), "\(message)")
+        }
+        #expect(cacheFiles(mountPoint).count == 1, "only the first image: no partial file")
+        #expect(try await cache.image(big)?.state == .error)
+        #expect(try await cache.image(small)?.state == .ready)
+    }
+}
