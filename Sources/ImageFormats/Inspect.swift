@@ -50,8 +50,10 @@ public enum ImageInspector {
 
     /// Inspects `storage`. With `declared`, the content must be that format. The image is returned (opened) when
     /// it could be opened, so a caller can go on to convert it after a safe verdict without opening it twice.
+    /// With `structural: false` the structural check (every table walked) is left to the caller, who must run
+    /// `structuralReasons` before publishing anything read from the image (the converter overlaps it with the copy).
     public static func inspect(storage: any ImageStorage, declared: ImageFormat?, options: OpenOptions = OpenOptions(),
-                               extentOpener: ((String) throws -> any ImageStorage)? = nil)
+                               structural: Bool = true, extentOpener: ((String) throws -> any ImageStorage)? = nil)
         -> (verdict: SafetyVerdict, image: (any DiskImage)?) {
         var v = SafetyVerdict(detected: nil, signatures: [], virtualSize: nil, reasons: [])
         do {
@@ -86,24 +88,29 @@ public enum ImageInspector {
         }
         v.virtualSize = image.virtualSize
         v.reasons += featureReasons(image)
-        // Structure: metadata overlapping metadata or pointing outside the file.
+        if structural { v.reasons += structuralReasons(image) }
+        return (v, image)
+    }
+
+    /// Structure: metadata overlapping metadata or pointing outside the file (the image's own check).
+    public static func structuralReasons(_ image: any DiskImage) -> [SafetyReason] {
         do {
             let r = try image.check()
             if r.corruptions > 0 || r.checkErrors > 0 {
                 let first = r.messages.filter { $0.hasPrefix("ERROR") }.prefix(3).joined(separator: "; ")
-                v.reasons.append(SafetyReason("corrupt", "\(r.corruptions) structural errors: \(first)"))
+                return [SafetyReason("corrupt", "\(r.corruptions) structural errors: \(first)")]
             }
+            return []
         } catch let e as ImageError {
-            v.reasons.append(reason(for: e))
+            return [reason(for: e)]
         } catch {
-            v.reasons.append(SafetyReason("corrupt", "\(error)"))
+            return [SafetyReason("corrupt", "\(error)")]
         }
-        return (v, image)
     }
 
     /// Opens and inspects a file; extent files are offered only when the options allow them.
-    public static func inspect(path: String, declared: ImageFormat?, options: OpenOptions = OpenOptions())
-        -> (verdict: SafetyVerdict, image: (any DiskImage)?) {
+    public static func inspect(path: String, declared: ImageFormat?, options: OpenOptions = OpenOptions(),
+                               structural: Bool = true) -> (verdict: SafetyVerdict, image: (any DiskImage)?) {
         let storage: FileStorage
         do {
             storage = try FileStorage(path: path)
@@ -111,7 +118,9 @@ public enum ImageInspector {
             return (SafetyVerdict(detected: nil, signatures: [], virtualSize: nil, reasons: [SafetyReason("unreadable", "\(error)")]), nil)
         }
         let directory = path.lastIndex(of: "/").map { String(path[...$0]) } ?? ""
-        return inspect(storage: storage, declared: declared, options: options) { try FileStorage(path: directory + $0) }
+        return inspect(storage: storage, declared: declared, options: options, structural: structural) {
+            try FileStorage(path: directory + $0)
+        }
     }
 
     static func reason(for e: ImageError) -> SafetyReason {

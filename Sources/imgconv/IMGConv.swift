@@ -270,19 +270,23 @@ struct ConvertCommand: ParsableCommand {
         var options = ConvertOptions()
         if let workers { options.workers = workers }
         options.zeroSkippedRanges = noCreate && !targetIsZero
-        let sink = try spec.makeSink(path: dst)
-        // Every image is hostile until inspected.
+        var sink = try spec.makeSink(path: dst)
+        // Every image is hostile until inspected. The cheap checks (format, features, bounds) run first; the
+        // structural walk of every table runs alongside the copy and gates the rename (GatedSink).
         let image: any DiskImage
         if trusted {
             image = try source.open(src)
         } else {
-            let (verdict, opened) = ImageInspector.inspect(path: src, declared: try source.declared, options: try source.openOptions)
+            let (verdict, opened) = ImageInspector.inspect(path: src, declared: try source.declared, options: try source.openOptions,
+                                                           structural: noCreate)
             guard verdict.safe, let opened else {
                 let lines = verdict.reasons.map { "  \($0)" }.joined(separator: "\n")
                 throw SinkError.unsupportedOutput("refusing to convert '\(src)': the image is not safe:\n\(lines)\n"
                                                   + "(--trusted converts a trusted local file anyway)")
             }
             image = opened
+            // With -n the target is written in place, so nothing can be held back: check everything first.
+            if !noCreate { sink = GatedSink(sink, gate: GatedSink.structuralCheck(of: opened, name: src)) }
         }
         // Catch SIGINT/SIGTERM, and unblock them: a parent may have started us with them blocked.
         signal(SIGINT, onInterrupt)

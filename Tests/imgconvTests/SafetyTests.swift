@@ -287,6 +287,16 @@ struct SafetyTests {
         b.replaceSubrange((l2 + 8)..<(l2 + 16), with: Array(b[l2..<(l2 + 8)]))
         FileManager.default.createFile(atPath: img, contents: Data(b))
         #expect(codes(verdict(img, .qcow2)).contains("corrupt"))
+        // convert runs the structural check alongside the copy and gates the rename on it: refused, nothing left.
+        let out = dir + "/out.raw"
+        let r = try run([imgconvBinary, "convert", "-O", "raw", img, out], allowFailure: true)
+        #expect(r.status == 1 && r.err.contains("corrupt"), "\(r.err)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.contains("out.raw") } == [])
+        // With -n (in place) nothing can be held back, so the check runs first and the target is untouched.
+        FileManager.default.createFile(atPath: out, contents: Data(repeating: 7, count: 10 << 20))
+        let n = try run([imgconvBinary, "convert", "-n", "-O", "raw", img, out], allowFailure: true)
+        #expect(n.status == 1 && n.err.contains("corrupt"))
+        #expect(FileManager.default.contents(atPath: out) == Data(repeating: 7, count: 10 << 20))
     }
 
     @Test func fixedVHDIsVPCNotRaw() throws {
