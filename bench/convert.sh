@@ -64,6 +64,9 @@ for c in "${cases[@]}"; do
     bench "$label|qemu-img" qemu-img convert -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
     # shellcheck disable=SC2086
     bench "$label|qemu-img -m 8 -W" qemu-img convert -m 8 -W -f "$sfmt" $target "$dir/$src" "$out/target" >> "$results"
+    # Durable like imgconv's default: the same, then fsync the output (coreutils sync FILE).
+    bench "$label|qemu-img, sync FILE" bash -c "qemu-img convert -f $sfmt $target $dir/$src $out/target && sync $out/target" >> "$results"
+    bench "$label|qemu-img -m 8 -W, sync FILE" bash -c "qemu-img convert -m 8 -W -f $sfmt $target $dir/$src $out/target && sync $out/target" >> "$results"
 done
 rm -f "$out/target"
 
