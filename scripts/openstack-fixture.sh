@@ -70,7 +70,7 @@ start() {
 [DEFAULT]
 log_file = $LOG/keystone.log
 [database]
-connection = sqlite:///$STATE/keystone/keystone.sqlite
+connection = sqlite:///$STATE/keystone/keystone.sqlite?timeout=60
 [token]
 provider = fernet
 expiration = ${KEYSTONE_TOKEN_EXPIRATION:-3600}
@@ -133,7 +133,7 @@ show_multiple_locations = true
 image_cache_dir = $STATE/cache
 worker_self_reference_url = http://127.0.0.1:$G_PORT
 [database]
-connection = sqlite:///$STATE/glance.sqlite
+connection = sqlite:///$STATE/glance.sqlite?timeout=60
 [glance_store]
 default_backend = file1
 [file1]

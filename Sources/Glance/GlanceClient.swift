@@ -51,7 +51,10 @@ public final class GlanceClient: Sendable {
         for base in try await baseURLs() {
             let url = base + pathAndQuery
             var rejected: String?
-            for _ in 0..<2 {
+            // A GET is retried once on a transport error: a pooled keep-alive connection the server has just
+            // closed fails the first use (ECONNRESET) with nothing sent.
+            var transportRetries = method == .GET ? 1 : 0
+            for _ in 0..<3 {
                 var req = HTTPClientRequest(url: url)
                 req.method = method
                 req.headers.add(name: "User-Agent", value: "imgconv-agent")
@@ -66,6 +69,11 @@ public final class GlanceClient: Sendable {
                     response = try await http.execute(req, timeout: timeout)
                 } catch {
                     lastError = GlanceError.transport(url: url, attempts: 1, detail: "\(error)")
+                    if transportRetries > 0 {
+                        transportRetries -= 1
+                        logger.info("glance request failed; retrying once", metadata: ["url": "\(url)", "error": "\(error)"])
+                        continue
+                    }
                     break
                 }
                 if response.status == .unauthorized, endpoint.auth != nil, rejected == nil {

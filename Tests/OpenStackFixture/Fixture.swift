@@ -43,6 +43,47 @@ public enum OpenStack {
     public static var storeDir: String { env["GLANCE_STORE_DIR"]! }
     public static var accessLog: String { env["GLANCE_ACCESS_LOG"]! }
 
+    /// Admin tokens are shared by every test of a process (renewed after 30 minutes): issuing one per request
+    /// made Keystone's sqlite the bottleneck when two suites ran at once.
+    static let tokenCache = TokenCache()
+
+    final class TokenCache: @unchecked Sendable {
+        private let lock = NSLock()
+        private var value: (String, Date)?
+        func get() -> String? {
+            lock.lock(); defer { lock.unlock() }
+            guard let (t, at) = value, Date().timeIntervalSince(at) < 1800 else { return nil }
+            return t
+        }
+        func set(_ t: String) { lock.lock(); value = (t, Date()); lock.unlock() }
+    }
+
+    static func adminToken() async throws -> String {
+        if let t = tokenCache.get() { return t }
+        let t = try await token()
+        tokenCache.set(t)
+        return t
+    }
+
+    /// Retries a fixture call that met a 5xx (sqlite contention in the test servers, not the code under test).
+    /// Connection resets (gunicorn closing a pooled keep-alive connection) are retried too.
+    static func retrying<T>(_ what: String, _ body: () async throws -> (Int, T)) async throws -> (Int, T) {
+        var last: (Int, T)?
+        var lastError: Error?
+        for attempt in 0..<4 {
+            do {
+                let r = try await body()
+                if r.0 < 500 { return r }
+                last = r
+            } catch {
+                lastError = error
+            }
+            try await Task.sleep(nanoseconds: UInt64(250_000_000 << attempt))
+        }
+        if let last { return last }
+        throw lastError!
+    }
+
     /// A project-scoped token for a user of the fixture.
     public static func token(user: String = "admin", password: String = "secret", project: String = "admin") async throws -> String {
         let body = """
@@ -53,9 +94,12 @@ public enum OpenStack {
         req.method = .POST
         req.headers.add(name: "Content-Type", value: "application/json")
         req.body = .bytes(ByteBuffer(string: body))
-        let r = try await HTTPClient.shared.execute(req, timeout: .seconds(60))
-        _ = try await r.body.collect(upTo: 16 << 20)
-        guard let t = r.headers.first(name: "X-Subject-Token") else { throw FixtureError("no token for \(user): \(r.status)") }
+        let (status, t): (Int, String?) = try await retrying("token") {
+            let r = try await HTTPClient.shared.execute(req, timeout: .seconds(60))
+            _ = try await r.body.collect(upTo: 16 << 20)
+            return (Int(r.status.code), r.headers.first(name: "X-Subject-Token"))
+        }
+        guard let t else { throw FixtureError("no token for \(user): HTTP \(status)") }
         return t
     }
 
@@ -68,20 +112,58 @@ public enum OpenStack {
     @discardableResult
     public static func glance(_ method: String, _ path: String, json: Any? = nil, body: [UInt8]? = nil,
                               contentType: String? = nil) async throws -> (Int, Any?) {
+        // An upload is not repeatable (a second PUT of the data is a 409): only the other calls are retried.
+        if method == "PUT" && path.hasSuffix("/file") {
+            return try await glanceOnce(method, path, json: json, body: body, contentType: contentType)
+        }
+        return try await retrying("\(method) \(path)") {
+            try await glanceOnce(method, path, json: json, body: body, contentType: contentType)
+        }
+    }
+
+    /// Glance's sqlite answers "database is locked" (500) when two writes overlap, and a busy timeout does not
+    /// help a transaction that must upgrade to a write. The tests' writes (create, upload, delete) go one at a
+    /// time; the agent under test only reads from Glance.
+    static let writes = SerialQueue()
+
+    public actor SerialQueue {
+        private var tail: Task<Void, Never>?
+        public func run<T: Sendable>(_ op: @escaping @Sendable () async throws -> T) async throws -> T {
+            let previous = tail
+            let task = Task { () async throws -> T in
+                _ = await previous?.value
+                return try await op()
+            }
+            tail = Task { _ = try? await task.value }
+            return try await task.value
+        }
+    }
+
+    static func glanceOnce(_ method: String, _ path: String, json: Any?, body: [UInt8]?,
+                           contentType: String?) async throws -> (Int, Any?) {
+        let jsonBytes = try json.map { [UInt8](try JSONSerialization.data(withJSONObject: $0)) }
+        let (status, data) = method == "GET"
+            ? try await glanceSend(method, path, json: jsonBytes, body: body, contentType: contentType)
+            : try await writes.run { try await glanceSend(method, path, json: jsonBytes, body: body, contentType: contentType) }
+        let o = data.isEmpty ? nil : try? JSONSerialization.jsonObject(with: Data(data))
+        return (status, o)
+    }
+
+    static func glanceSend(_ method: String, _ path: String, json: [UInt8]?, body: [UInt8]?,
+                           contentType: String?) async throws -> (Int, [UInt8]) {
         var req = HTTPClientRequest(url: glanceURL + path)
         req.method = .init(rawValue: method)
-        req.headers.add(name: "X-Auth-Token", value: try await token())
+        req.headers.add(name: "X-Auth-Token", value: try await adminToken())
         if let json {
             req.headers.add(name: "Content-Type", value: contentType ?? "application/json")
-            req.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: json)))
+            req.body = .bytes(ByteBuffer(bytes: json))
         } else if let body {
             req.headers.add(name: "Content-Type", value: "application/octet-stream")
             req.body = .bytes(ByteBuffer(bytes: body))
         }
         let r = try await HTTPClient.shared.execute(req, timeout: .seconds(300))
         let data = try await r.body.collect(upTo: 64 << 20)
-        let o = data.readableBytes > 0 ? try? JSONSerialization.jsonObject(with: Data(data.readableBytesView)) : nil
-        return (Int(r.status.code), o)
+        return (Int(r.status.code), Array(data.readableBytesView))
     }
 
     /// Creates an image with extra properties and tags, uploads the bytes, and returns its record.
