@@ -73,8 +73,7 @@ struct CacheCommand: AsyncParsableCommand {
         @OptionGroup var options: SocketOption
         @Argument var id: String
         func run() async throws {
-            let (_, body) = try await ControlClient(options.socket).call("GET", "/v1/images/\(escape(id))")
-            print(String(decoding: body, as: UTF8.self))
+            try await ControlClient(options.socket).printCall("GET", "/v1/images/\(escape(id))")
         }
     }
 
@@ -128,8 +127,7 @@ struct CacheCommand: AsyncParsableCommand {
         @OptionGroup var options: SocketOption
         @Argument var id: String
         func run() async throws {
-            let (_, body) = try await ControlClient(options.socket).call("PUT", "/v1/images/\(escape(id))/pin")
-            print(String(decoding: body, as: UTF8.self))
+            try await ControlClient(options.socket).printCall("PUT", "/v1/images/\(escape(id))/pin")
         }
     }
 
@@ -138,8 +136,7 @@ struct CacheCommand: AsyncParsableCommand {
         @OptionGroup var options: SocketOption
         @Argument var id: String
         func run() async throws {
-            let (_, body) = try await ControlClient(options.socket).call("DELETE", "/v1/images/\(escape(id))/pin")
-            print(String(decoding: body, as: UTF8.self))
+            try await ControlClient(options.socket).printCall("DELETE", "/v1/images/\(escape(id))/pin")
         }
     }
 
@@ -157,8 +154,7 @@ struct CacheCommand: AsyncParsableCommand {
         @OptionGroup var options: SocketOption
         @Argument var id: String
         func run() async throws {
-            let (_, body) = try await ControlClient(options.socket).call("POST", "/v1/images/\(escape(id))/verify")
-            print(String(decoding: body, as: UTF8.self))
+            try await ControlClient(options.socket).printCall("POST", "/v1/images/\(escape(id))/verify")
         }
     }
 }
@@ -181,6 +177,12 @@ func human(_ n: UInt64) -> String {
 struct ControlClient {
     let socket: String
     init(_ socket: String) { self.socket = socket }
+
+    /// Calls the agent and prints its JSON answer.
+    func printCall(_ method: String, _ path: String) async throws {
+        let (_, body) = try await call(method, path)
+        print(String(decoding: body, as: UTF8.self))
+    }
 
     func call(_ method: String, _ path: String) async throws -> (Int, Data) {
         let encoded = socket.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? socket
