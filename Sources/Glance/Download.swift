@@ -93,6 +93,17 @@ public final class VerifiedDownload: @unchecked Sendable {
     }
 
     public func run(into sink: any DownloadSink) async throws -> DownloadResult {
+        do {
+            return try await stream(into: sink)
+        } catch let e as SinkFailure {
+            throw e.underlying
+        }
+    }
+
+    /// A write into the sink failed (a full disk, a refused first block): never a reason to download again.
+    struct SinkFailure: Error { var underlying: Error }
+
+    private func stream(into sink: any DownloadSink) async throws -> DownloadResult {
         guard image.status == "active" else { throw GlanceError.notActive(imageID: image.id, status: image.status) }
         let expected = try expectations()
         digests = expected.compactMap { ImageDigest(algorithm: $0.0) }
@@ -179,6 +190,8 @@ public final class VerifiedDownload: @unchecked Sendable {
                 try await backoff(&failures, progressed: progressed, detail: e.detail)
             } catch is CancellationError {
                 throw CancellationError()
+            } catch let e as SinkFailure {
+                throw e
             } catch {
                 // Body stream errors (connection reset, read timeout) from AsyncHTTPClient or NIO.
                 try await backoff(&failures, progressed: progressed, detail: "\(error)")
@@ -244,7 +257,7 @@ public final class VerifiedDownload: @unchecked Sendable {
                         writeError = err
                     }
                 }
-                if let writeError { c.resume(throwing: writeError) } else { c.resume() }
+                if let writeError { c.resume(throwing: SinkFailure(underlying: writeError)) } else { c.resume() }
             }
         }
     }
