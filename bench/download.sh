@@ -17,12 +17,7 @@ fi
 swift build -c release --product imgconv >/dev/null
 IMGCONV=$(swift build -c release --show-bin-path)/imgconv
 
-token() {
-    curl -sf -D - -o /dev/null -X POST "$KEYSTONE_URL/auth/tokens" -H 'Content-Type: application/json' \
-        -d '{"auth":{"identity":{"methods":["password"],"password":{"user":{"name":"admin","domain":{"id":"default"},"password":"secret"}}},"scope":{"project":{"name":"admin","domain":{"id":"default"}}}}}' \
-        | awk 'tolower($1)=="x-subject-token:"{print $2}' | tr -d '\r'
-}
-TOK=$(token)
+TOK=$(bash scripts/openstack-fixture.sh token)
 # The image: mixed.raw (1 GiB of text, binaries, random data and zeros), uploaded once per fixture.
 idfile=$dir/glance-image-id
 ID=$(cat "$idfile" 2>/dev/null || true)

@@ -11,9 +11,7 @@ if ! { [ -f "$envfile" ] && curl -sf -m 5 -o /dev/null "$(. "$envfile"; echo "$G
 fi
 # shellcheck disable=SC1090
 . "$envfile"
-TOK=$(curl -sf -D - -o /dev/null -X POST "$KEYSTONE_URL/auth/tokens" -H 'Content-Type: application/json' \
-    -d '{"auth":{"identity":{"methods":["password"],"password":{"user":{"name":"admin","domain":{"id":"default"},"password":"secret"}}},"scope":{"project":{"name":"admin","domain":{"id":"default"}}}}}' \
-    | awk 'tolower($1)=="x-subject-token:"{print $2}' | tr -d '\r')
+TOK=$(bash scripts/openstack-fixture.sh token)
 ID=$(curl -sf -X POST "$GLANCE_URL/v2/images" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/json' \
     -d '{"name":"imgconv-demo","disk_format":"qcow2","container_format":"bare","tags":["imgconv-demo"]}' \
     | python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')

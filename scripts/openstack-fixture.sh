@@ -5,6 +5,7 @@
 #   scripts/openstack-fixture.sh start    install (first time, ~1-2 min) and start; prints the env file
 #   scripts/openstack-fixture.sh stop     stop both servers (state is kept until the next start)
 #   scripts/openstack-fixture.sh env      print the env file path
+#   scripts/openstack-fixture.sh token    print an admin token (for scripts that call Glance with curl)
 #
 # Settings (environment): IMGCONV_FIXTURE_DIR (default /tmp/imgconv-openstack), KEYSTONE_PORT (5050),
 # GLANCE_PORT (9292), PYTHON (python3).
@@ -20,6 +21,12 @@ G_PORT=${GLANCE_PORT:-9292}
 PY=${PYTHON:-python3}
 VENV=$BASE/venv ETC=$BASE/etc STATE=$BASE/state LOG=$BASE/log RUN=$BASE/run
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONWARNINGS=ignore
+
+token() {  # user password project -> a project-scoped Keystone token
+    curl -m 30 -sf -D - -o /dev/null -X POST "http://127.0.0.1:$KS_PORT/v3/auth/tokens" -H 'Content-Type: application/json' \
+        -d "{\"auth\":{\"identity\":{\"methods\":[\"password\"],\"password\":{\"user\":{\"name\":\"$1\",\"domain\":{\"id\":\"default\"},\"password\":\"$2\"}}},\"scope\":{\"project\":{\"name\":\"$3\",\"domain\":{\"id\":\"default\"}}}}}" \
+        | awk 'tolower($1)=="x-subject-token:"{print $2}' | tr -d '\r'
+}
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -99,11 +106,6 @@ EOF
     wait_http "http://127.0.0.1:$KS_PORT/v3" 200 120
 
     local K=http://127.0.0.1:$KS_PORT/v3
-    token() {  # user password project
-        curl -m 30 -sf -D - -o /dev/null -X POST "$K/auth/tokens" -H 'Content-Type: application/json' \
-            -d "{\"auth\":{\"identity\":{\"methods\":[\"password\"],\"password\":{\"user\":{\"name\":\"$1\",\"domain\":{\"id\":\"default\"},\"password\":\"$2\"}}},\"scope\":{\"project\":{\"name\":\"$3\",\"domain\":{\"id\":\"default\"}}}}}" \
-            | awk 'tolower($1)=="x-subject-token:"{print $2}' | tr -d '\r'
-    }
     local ADM; ADM=$(token admin secret admin)
     local H=(-H "X-Auth-Token: $ADM" -H 'Content-Type: application/json')
     kpost() { curl -m 30 -sf -X POST "$K/$1" "${H[@]}" -d "$2"; }
@@ -215,5 +217,6 @@ case "${1:-}" in
     start) start ;;
     stop) stop_one "$RUN/glance.pid" glance; stop_one "$RUN/keystone.pid" keystone ;;
     env) echo "$BASE/env" ;;
-    *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+    token) token admin secret admin ;;
+    *) echo "usage: $0 start|stop|env|token" >&2; exit 2 ;;
 esac

@@ -40,6 +40,12 @@ public struct CachedImage: Codable, Sendable, Equatable, FetchableRecord, Persis
         case lastUsed = "last_used", createdAt = "created_at", verifiedAt = "verified_at"
     }
 
+    /// True when the file holds the bytes exactly as Glance stores them (not converted by force_raw), so Glance's
+    /// size and hashes describe it.
+    public var storedAsDownloaded: Bool {
+        storedFormat == CacheError.declaredFormat(diskFormat: diskFormat, containerFormat: nil)?.rawValue
+    }
+
     public init(id: String, diskFormat: String, state: State = .queued) {
         self.id = id
         self.diskFormat = diskFormat

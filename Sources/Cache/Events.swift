@@ -20,6 +20,25 @@ public struct Job: Codable, Sendable, Equatable {
     }
 
     public var finished: Bool { state == .ready || state == .error }
+
+    /// A new job with a fresh id.
+    init(imageID: String, kind: Kind, state: CachedImage.State, bytesTotal: UInt64?) {
+        self.init(id: UUID().uuidString.lowercased(), imageID: imageID, kind: kind, state: state, bytesDone: 0,
+                  bytesTotal: bytesTotal, error: nil, createdAt: Date().timeIntervalSince1970, finishedAt: nil)
+    }
+
+    init(id: String, imageID: String, kind: Kind, state: CachedImage.State, bytesDone: UInt64, bytesTotal: UInt64?,
+         error: String?, createdAt: Double, finishedAt: Double?) {
+        self.id = id
+        self.imageID = imageID
+        self.kind = kind
+        self.state = state
+        self.bytesDone = bytesDone
+        self.bytesTotal = bytesTotal
+        self.error = error
+        self.createdAt = createdAt
+        self.finishedAt = finishedAt
+    }
 }
 
 /// Fans job events out to any number of subscribers (the control API's server-sent event streams).

@@ -101,9 +101,8 @@ public actor ImageCache {
                 logger.notice("forgot an image whose fetch was interrupted", metadata: ["image": "\(row.id)", "state": "\(row.state)"])
                 continue
             }
-            let converted = row.storedFormat != nil && row.storedFormat != CacheError.declaredFormat(diskFormat: row.diskFormat, containerFormat: nil)?.rawValue
             let size = FileSystem.fileSize(path)
-            if size == nil || (!converted && row.size != nil && size != row.size) {
+            if size == nil || (row.storedAsDownloaded && row.size != nil && size != row.size) {
                 try index.remove(row.id)
                 if size != nil { unlink(path) }
                 logger.warning("dropped an index entry whose file is missing or has the wrong size", metadata: ["image": "\(row.id)"])
@@ -126,7 +125,6 @@ public actor ImageCache {
     public func job(_ id: String) -> Job? { jobs[id] }
     public func allJobs() -> [Job] { jobOrder.compactMap { jobs[$0] } }
     public func usedBytes() throws -> UInt64 { try index.totalDiskBytes() }
-    public func leaseCount(_ id: String) -> Int { leases[id] ?? 0 }
 
     // MARK: ensure / wait
 
@@ -144,12 +142,12 @@ public actor ImageCache {
             lookup = Task { try await source.show(id) }
             lookups[id] = lookup
         }
+        let answer = await lookup.result
+        lookups[id] = nil
         let image: GlanceImage
         do {
-            image = try await lookup.value
-            lookups[id] = nil
+            image = try answer.get()
         } catch let e as GlanceError {
-            lookups[id] = nil
             throw CacheError.upstream(e)
         }
         guard let declared = CacheError.declaredFormat(diskFormat: image.diskFormat, containerFormat: image.containerFormat) else {
@@ -207,8 +205,7 @@ public actor ImageCache {
 
     private func start(_ image: GlanceImage, declared: ImageFormat, throttled: Bool) -> Job {
         let id = image.id
-        let job = Job(id: UUID().uuidString.lowercased(), imageID: id, kind: .fetch, state: .queued, bytesDone: 0,
-                      bytesTotal: nil, error: nil, createdAt: Date().timeIntervalSince1970, finishedAt: nil)
+        let job = Job(imageID: id, kind: .fetch, state: .queued, bytesTotal: nil)
         record(job)
         let task = Task { try await self.run(job.id, image, declared, throttled) }
         inflight[id] = (job.id, task)
@@ -326,13 +323,16 @@ public actor ImageCache {
 
         // The whole image is here and its hashes matched: inspect it before anything else reads it.
         guard let tmp = file.temporaryPath else { throw CacheError.io("the download of \(id) has no temporary file") }
-        let (verdict, opened) = ImageInspector.inspect(path: tmp, declared: declared)
+        // It walks every table: off the actor, so the control API keeps answering meanwhile.
+        let (verdict, opened) = try await offload { ImageInspector.inspect(path: tmp, declared: declared) }
         guard verdict.safe, let opened else { throw CacheError.unsafe(id: id, reasons: verdict.reasons.map(\.description)) }
         row.virtualSize = opened.virtualSize
 
         if config.forceRaw && declared != .raw {
             try setState(jobID, &row, .converting)
-            let dataBytes = (try? opened.allExtents().filter { $0.status == .data }.reduce(UInt64(0)) { $0 + $1.length }) ?? opened.virtualSize
+            let dataBytes = try await offload {
+                (try? opened.allExtents().filter { $0.status == .data }.reduce(UInt64(0)) { $0 + $1.length }) ?? opened.virtualSize
+            }
             try makeRoom(for: id, bytes: (reserved[id] ?? 0) + dataBytes)
             try await offload {
                 let out = RawFileSink(path: finalPath)
@@ -420,11 +420,9 @@ public actor ImageCache {
         let rows = try index.all().filter { $0.state == .ready && (ids == nil || ids!.contains($0.id)) }
         for row in rows {
             guard let path = row.path else { continue }
-            let job = Job(id: UUID().uuidString.lowercased(), imageID: row.id, kind: .scrub, state: .verifying, bytesDone: 0,
-                          bytesTotal: row.diskBytes, error: nil, createdAt: Date().timeIntervalSince1970, finishedAt: nil)
+            let job = Job(imageID: row.id, kind: .scrub, state: .verifying, bytesTotal: row.diskBytes)
             record(job)
-            let declared = CacheError.declaredFormat(diskFormat: row.diskFormat, containerFormat: nil)
-            let asDownloaded = row.storedFormat == declared?.rawValue
+            let asDownloaded = row.storedAsDownloaded
             let result: (Bool, String) = try await offload {
                 if asDownloaded {
                     let (algo, want) = row.osHashValue != nil ? (row.osHashAlgo ?? "sha512", row.osHashValue!) : ("md5", row.checksum ?? "")

@@ -2,6 +2,7 @@ import Agent
 import ArgumentParser
 import AsyncHTTPClient
 import Foundation
+import ImageFormats
 import Logging
 import NIOCore
 #if canImport(Glibc)
@@ -62,7 +63,7 @@ struct CacheCommand: AsyncParsableCommand {
             print(pad("IMAGE", 36), pad("STATE", 10), pad("FORMAT", 7), pad("DISK", 10), pad("PINNED", 6), "NAME")
             for i in images {
                 print(pad(i["id"] as? String ?? "", 36), pad(i["state"] as? String ?? "", 10), pad(i["stored_format"] as? String ?? "-", 7),
-                      pad(human((i["disk_bytes"] as? NSNumber)?.uint64Value ?? 0), 10),
+                      pad(humanSize((i["disk_bytes"] as? NSNumber)?.uint64Value ?? 0), 10),
                       pad((i["pinned"] as? Bool ?? false) ? "yes" : "no", 6), i["name"] as? String ?? "")
             }
         }
@@ -102,7 +103,7 @@ struct CacheCommand: AsyncParsableCommand {
                 let done = (job["bytes_done"] as? NSNumber)?.uint64Value ?? 0
                 let total = (job["bytes_total"] as? NSNumber)?.uint64Value ?? 0
                 let pct = total > 0 ? String(format: "%.1f%%", Double(done) * 100 / Double(total)) : "-"
-                let line = "\(state) \(human(done)) / \(human(total)) (\(pct))"
+                let line = "\(state) \(humanSize(done)) / \(humanSize(total)) (\(pct))"
                 if line != lastLine {
                     writeStderr(tty ? "\r\u{1b}[K" + line : line + "\n")
                     lastLine = line
@@ -165,13 +166,6 @@ func escape(_ s: String) -> String {
 
 func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
 
-func human(_ n: UInt64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    var v = Double(n)
-    var i = 0
-    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
-    return i == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[i])
-}
 
 /// HTTP/1.1 over the agent's Unix socket. Non-2xx answers end the command with the agent's message.
 struct ControlClient {

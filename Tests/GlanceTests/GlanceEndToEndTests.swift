@@ -18,6 +18,14 @@ final class MemorySink: DownloadSink, @unchecked Sendable {
     }
 }
 
+/// Fails every write after the first block, as a full disk does.
+final class FullDiskSink: DownloadSink, @unchecked Sendable {
+    struct DiskFull: Error, Equatable {}
+    func write(_ b: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        if offset > 0 { throw DiskFull() }
+    }
+}
+
 /// Against the real Keystone 30 and Glance 33 of scripts/openstack-fixture.sh.
 @Suite("glance end to end", .enabled(if: OpenStack.available), .serialized)
 struct GlanceEndToEndTests {
@@ -27,6 +35,15 @@ struct GlanceEndToEndTests {
             username: user, password: password, userDomain: "Default", project: project, projectDomain: "Default"),
             http: HTTPClient.shared, margin: margin)
         return (GlanceClient(http: HTTPClient.shared, endpoint: GlanceEndpoint(apiServers: apiServers, auth: auth)), auth)
+    }
+
+    /// Uploads `bytes` and returns a client that reaches Glance through a test proxy with `settings`, the image's
+    /// record, the proxy (stop it) and the id (delete it).
+    func proxied(_ bytes: [UInt8], settings: [String: Any]) async throws -> (GlanceClient, GlanceImage, TestProxy, String) {
+        let id = try await OpenStack.createImage(bytes)["id"] as! String
+        let proxy = try TestProxy(settings: settings)
+        let (glance, _) = client(apiServers: [proxy.url])
+        return (glance, try await glance.show(id), proxy, id)
     }
 
     @Test func tokensComeFromTheCatalogAndAreRenewed() async throws {
@@ -134,13 +151,8 @@ struct GlanceEndToEndTests {
 
     @Test func resumesWithRangeAfterACutConnection() async throws {
         let bytes = OpenStack.testBytes(12 << 20, seed: 13)
-        let img = try await OpenStack.createImage(bytes)
-        let id = img["id"] as! String
-        defer { Task { await OpenStack.deleteImage(id) } }
-        let proxy = try TestProxy(settings: ["cut_after": 5_000_000, "cuts": 2])
-        defer { proxy.stop() }
-        let (glance, _) = client(apiServers: [proxy.url])
-        let image = try await glance.show(id)
+        let (glance, image, proxy, id) = try await proxied(bytes, settings: ["cut_after": 5_000_000, "cuts": 2])
+        defer { proxy.stop(); Task { await OpenStack.deleteImage(id) } }
         let sink = MemorySink()
         let r = try await VerifiedDownload(client: glance, image: image, retry: RetryPolicy(attempts: 3, baseDelay: 0.05)).run(into: sink)
         #expect(sink.bytes == bytes)
@@ -156,29 +168,27 @@ struct GlanceEndToEndTests {
 
     @Test func detectsAServerThatIgnoresRange() async throws {
         let bytes = OpenStack.testBytes(6 << 20, seed: 14)
-        let img = try await OpenStack.createImage(bytes)
-        let id = img["id"] as! String
-        defer { Task { await OpenStack.deleteImage(id) } }
-        let proxy = try TestProxy(settings: ["cut_after": 2_500_000, "cuts": 1, "ignore_range": true])
-        defer { proxy.stop() }
-        let (glance, _) = client(apiServers: [proxy.url])
-        let image = try await glance.show(id)
+        let (glance, image, proxy, id) = try await proxied(bytes, settings: ["cut_after": 2_500_000, "cuts": 1, "ignore_range": true])
+        defer { proxy.stop(); Task { await OpenStack.deleteImage(id) } }
         let sink = MemorySink()
         let r = try await VerifiedDownload(client: glance, image: image, retry: RetryPolicy(attempts: 3, baseDelay: 0.05)).run(into: sink)
         #expect(sink.bytes == bytes)
         #expect(r.resumes == 1 && r.rangeIgnored == 1)
     }
 
+    @Test func aFailingSinkIsNotRetried() async throws {
+        let (glance, image, proxy, id) = try await proxied(OpenStack.testBytes(12 << 20, seed: 16), settings: [:])
+        defer { proxy.stop(); Task { await OpenStack.deleteImage(id) } }
+        await #expect(throws: FullDiskSink.DiskFull()) {
+            try await VerifiedDownload(client: glance, image: image, retry: RetryPolicy(attempts: 3, baseDelay: 0.05)).run(into: FullDiskSink())
+        }
+        #expect(proxy.requests().filter { $0.contains("/file") }.count == 1)
+    }
+
     @Test func givesUpWithAClearError() async throws {
-        let bytes = OpenStack.testBytes(4 << 20, seed: 15)
-        let img = try await OpenStack.createImage(bytes)
-        let id = img["id"] as! String
-        defer { Task { await OpenStack.deleteImage(id) } }
         // Every response is cut before any data: no progress, so the attempts run out.
-        let proxy = try TestProxy(settings: ["cut_after": 1, "cuts": 1000])
-        defer { proxy.stop() }
-        let (glance, _) = client(apiServers: [proxy.url])
-        let image = try await glance.show(id)
+        let (glance, image, proxy, id) = try await proxied(OpenStack.testBytes(4 << 20, seed: 15), settings: ["cut_after": 1, "cuts": 1000])
+        defer { proxy.stop(); Task { await OpenStack.deleteImage(id) } }
         do {
             _ = try await VerifiedDownload(client: glance, image: image, retry: RetryPolicy(attempts: 2, baseDelay: 0.05)).run(into: MemorySink())
             Issue.record("download succeeded through a proxy that cuts every response")
