@@ -2,7 +2,8 @@
 // imgconv: native, safe disk-image inspection and conversion for OpenStack compute nodes.
 //
 // Layering (arrows point one way):
-//   imgconv (CLI) -> Agent -> Cache -> Glance (AsyncHTTPClient), Convert -> ImageFormats -> CZlib/CZstd/CDeflate
+//   imgconv (CLI) -> Agent -> Disks -> RBD -> CCeph (librbd, librados)
+//                            Disks -> Cache -> Glance (AsyncHTTPClient), Convert -> ImageFormats -> CZlib/CZstd/CDeflate
 // ImageFormats depends on no networking, Ceph or daemon code so it can be fuzzed and reused.
 import Foundation
 import PackageDescription
@@ -31,6 +32,8 @@ let package = Package(
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .systemLibrary(name: "CDeflate", path: "Sources/CDeflate"),
+        // librados + librbd (Debian librados-dev, librbd-dev): linked by name, they ship no pkg-config file.
+        .systemLibrary(name: "CCeph", path: "Sources/CCeph"),
         .target(
             name: "ImageFormats",
             dependencies: ["CZlib", "CZstd", "CDeflate"],
@@ -64,11 +67,23 @@ let package = Package(
             cSettings: [.define("_GNU_SOURCE")],
             swiftSettings: gnuSource
         ),
+        // Typed Swift over librados/librbd: connect, images, aio writes, snapshots, clones, leases.
+        .target(name: "RBD", dependencies: ["CCeph", "ImageFormats"]),
+        // Instance boot disks: RBD clones (from Glance's own rbd location, or from a shared base built once per
+        // image, cluster-wide) and local qcow2 overlays on a raw base.
+        .target(
+            name: "Disks",
+            dependencies: [
+                "RBD", "Cache", "Convert", "Glance", "ImageFormats",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: gnuSource
+        ),
         // The daemon: config, prefetch loop, HTTP control API on a Unix socket.
         .target(
             name: "Agent",
             dependencies: [
-                "Cache", "Glance",
+                "Cache", "Glance", "Disks", "RBD",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -100,7 +115,10 @@ let package = Package(
         ),
         .testTarget(name: "GlanceTests", dependencies: ["Glance", "OpenStackFixture"]),
         .testTarget(name: "CacheTests", dependencies: ["Cache", "Glance", "ImageFormats"]),
-        .testTarget(name: "AgentTests", dependencies: ["Agent", "Cache", "Glance", "OpenStackFixture", "imgconv"]),
+        .target(name: "CephFixture", dependencies: ["RBD"], path: "Tests/CephFixture"),
+        .testTarget(name: "RBDTests", dependencies: ["RBD", "CephFixture"]),
+        .testTarget(name: "DisksTests", dependencies: ["Disks", "RBD", "Cache", "Convert", "ImageFormats", "Glance", "CephFixture", "OpenStackFixture"]),
+        .testTarget(name: "AgentTests", dependencies: ["Agent", "Cache", "Glance", "OpenStackFixture", "CephFixture", "RBD", "imgconv"]),
     ]
 )
 

@@ -9,6 +9,11 @@
 #
 # Settings (environment): IMGCONV_FIXTURE_DIR (default /tmp/imgconv-openstack), KEYSTONE_PORT (5050),
 # GLANCE_PORT (9292), PYTHON (python3).
+# IMGCONV_CEPH_ENV=<scripts/ceph-cluster.sh's env file>: Glance gets a second store, ceph1 (glance_store's rbd
+# driver, pool images, cephx user client.glance), as in a Ceph-backed OpenStack: images uploaded with
+# `X-Image-Meta-Store: ceph1` get locations rbd://<fsid>/images/<id>/snap. The rbd driver needs Debian's
+# python3-rados/python3-rbd, so the venv is then $IMGCONV_FIXTURE_DIR/venv-rbd on /usr/bin/python3 with system
+# site packages.
 #
 # After start, $IMGCONV_FIXTURE_DIR/env holds what tests need:
 #   KEYSTONE_URL, GLANCE_URL, OS_* for the admin and the demo user, GLANCE_STORE_DIR (the file store, so a test can
@@ -20,6 +25,12 @@ KS_PORT=${KEYSTONE_PORT:-5050}
 G_PORT=${GLANCE_PORT:-9292}
 PY=${PYTHON:-python3}
 VENV=$BASE/venv ETC=$BASE/etc STATE=$BASE/state LOG=$BASE/log RUN=$BASE/run
+CEPH_ENV=${IMGCONV_CEPH_ENV:-}
+VENV_OPTS=()
+if [ -n "$CEPH_ENV" ]; then
+    [ -r "$CEPH_ENV" ] || { echo "IMGCONV_CEPH_ENV=$CEPH_ENV is not readable (scripts/ceph-cluster.sh start)" >&2; exit 2; }
+    PY=/usr/bin/python3 VENV=$BASE/venv-rbd VENV_OPTS=(--system-site-packages)
+fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONWARNINGS=ignore
 
 token() {  # user password project -> a project-scoped Keystone token
@@ -64,9 +75,13 @@ start() {
     mkdir -p "$BASE" "$LOG" "$RUN"
     if ! "$VENV/bin/python" -c 'import glance, keystone, gunicorn' 2>/dev/null; then
         echo "installing glance, keystone and gunicorn into $VENV (pinned by scripts/openstack-constraints.txt)"
-        "$PY" -m venv "$VENV"
+        "$PY" -m venv "${VENV_OPTS[@]}" "$VENV"
         "$VENV/bin/pip" install -q pip==26.3 || true
         "$VENV/bin/pip" install -q -c "$HERE/openstack-constraints.txt" glance keystone gunicorn
+    fi
+    if [ -n "$CEPH_ENV" ] && ! "$VENV/bin/python" -c 'import rados, rbd' 2>/dev/null; then
+        echo "$VENV/bin/python cannot import rados, rbd: apt-get install python3-rados python3-rbd" >&2
+        exit 1
     fi
     rm -rf "$STATE" "$ETC" "$LOG"/*
     mkdir -p "$STATE/images" "$STATE/staging" "$STATE/tasks" "$STATE/cache" "$STATE/keystone/fernet" \
@@ -124,12 +139,34 @@ EOF
         kpost endpoints "{\"endpoint\":{\"service_id\":\"$IMG\",\"interface\":\"$iface\",\"url\":\"http://127.0.0.1:$G_PORT\",\"region_id\":\"RegionOne\"}}" >/dev/null
     done
 
+    # ---- Ceph (with IMGCONV_CEPH_ENV): Glance's own cephx user, as the Glance docs make it; its keyring goes
+    # where the cluster's ceph.conf looks for client keyrings.
+    local backends=file1:file ceph_section="" ceph_env=""
+    if [ -n "$CEPH_ENV" ]; then
+        # shellcheck disable=SC1090
+        local CEPH_CONF CEPH_ADMIN_KEYRING CEPH_FSID
+        eval "$(grep -E '^(CEPH_CONF|CEPH_ADMIN_KEYRING|CEPH_FSID)=' "$CEPH_ENV")"
+        env -u CEPH_ARGS ceph -c "$CEPH_CONF" --id admin --keyring "$CEPH_ADMIN_KEYRING" --connect-timeout 15 \
+            auth get-or-create client.glance mon 'profile rbd' osd 'profile rbd pool=images' mgr 'profile rbd pool=images' \
+            -o "$(dirname "$CEPH_CONF")/ceph.client.glance.keyring" >/dev/null
+        chmod 0644 "$(dirname "$CEPH_CONF")/ceph.client.glance.keyring"
+        backends="file1:file, ceph1:rbd"
+        ceph_section="[ceph1]
+rbd_store_pool = images
+rbd_store_user = glance
+rbd_store_ceph_conf = $CEPH_CONF
+rbd_store_chunk_size = 8
+rados_connect_timeout = 30"
+        ceph_env="GLANCE_RBD_STORE=ceph1
+GLANCE_RBD_FSID=$CEPH_FSID"
+    fi
+
     # ---- Glance: keystone paste flavor, file store, locations shown (the rbd clone path reads them).
     cat >"$ETC/glance-api.conf" <<EOF
 [DEFAULT]
 debug = false
 log_file = $LOG/glance-api.log
-enabled_backends = file1:file
+enabled_backends = $backends
 show_image_direct_url = true
 show_multiple_locations = true
 image_cache_dir = $STATE/cache
@@ -140,6 +177,7 @@ connection = sqlite:///$STATE/glance.sqlite?timeout=60
 default_backend = file1
 [file1]
 filesystem_store_datadir = $STATE/images
+$ceph_section
 [os_glance_staging_store]
 filesystem_store_datadir = $STATE/staging
 [os_glance_tasks_store]
@@ -209,6 +247,7 @@ DEMO_PASSWORD=demopw
 DEMO_PROJECT_NAME=demo
 GLANCE_STORE_DIR=$STATE/images
 GLANCE_ACCESS_LOG=$LOG/access.log
+$ceph_env
 EOF
     echo "keystone on :$KS_PORT, glance on :$G_PORT; env in $BASE/env"
 }

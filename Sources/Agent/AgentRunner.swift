@@ -1,5 +1,7 @@
 import AsyncHTTPClient
 import Cache
+import Disks
+import RBD
 import Dispatch
 import Foundation
 import Glance
@@ -47,6 +49,18 @@ public enum AgentRunner {
         return try ImageCache(config: c, source: source, logger: logger)
     }
 
+    /// `[rbd]` present: RBD clones. Absent: qcow2 overlays in the instances directory.
+    public static func makeDiskBackend(_ config: AgentConfig, logger: Logger) -> any DiskBackend {
+        if let r = config.rbd {
+            var s = RBDSettings(ceph: CephConfiguration(confPath: r.cephConf, user: r.user, keyring: r.keyring, timeout: r.connectTimeout))
+            s.pool = r.pool
+            s.leaseSeconds = Int(r.lease.rounded(.up))
+            s.baseWait = Int(r.baseWait)
+            return RBDBackend(settings: s, logger: logger)
+        }
+        return LocalBackend(instancesDir: config.instancesDirectory, logger: logger)
+    }
+
     public static func run(config: AgentConfig, logger: Logger) async throws {
         let http = makeHTTPClient()
         let source = makeSource(config, http: http, logger: logger)
@@ -65,7 +79,8 @@ public enum AgentRunner {
             throw error
         }
         let policy = PeerPolicy(allowedUIDs: config.agent.allowedUIDs, allowedGIDs: config.agent.allowedGIDs)
-        let router = ControlAPI.router(cache: cache, policy: policy, logger: logger)
+        let disks = DiskService(backend: makeDiskBackend(config, logger: logger), source: source, cache: cache)
+        let router = ControlAPI.router(cache: cache, disks: disks, gcIdle: config.disks.gcIdle, policy: policy, logger: logger)
         let groupID = try config.agent.socketGroup.map(Self.groupID)
         let mode = config.agent.socketMode
         // The socket is born 0600 (umask) and opened up to the configured mode and group once it exists.
@@ -89,6 +104,20 @@ public enum AgentRunner {
         let background = Task {
             await withTaskGroup(of: Void.self) { g in
                 g.addTask { await prefetcher.run() }
+                if config.disks.gcInterval > 0 && config.disks.gcIdle > 0 {
+                    g.addTask {
+                        while !Task.isCancelled {
+                            try? await Task.sleep(nanoseconds: UInt64(config.disks.gcInterval * 1e9))
+                            if Task.isCancelled { break }
+                            do {
+                                let removed = try await disks.backend.collectGarbage(idleSeconds: config.disks.gcIdle)
+                                if !removed.isEmpty { logger.notice("removed idle bases", metadata: ["bases": "\(removed)"]) }
+                            } catch {
+                                logger.warning("base garbage collection failed", metadata: ["error": "\(error)"])
+                            }
+                        }
+                    }
+                }
                 if config.cache.scrubInterval > 0 {
                     g.addTask {
                         while !Task.isCancelled {

@@ -54,14 +54,40 @@ public struct AgentConfig: Sendable {
         public var bandwidthLimit: UInt64?
     }
 
+    /// `[rbd]`: instance disks as RBD clones. Absent: the local qcow2-overlay backend.
+    public struct RBDSection: Sendable {
+        public var pool = "vms"
+        public var cephConf: String?
+        public var user = "admin"
+        public var keyring: String?
+        public var connectTimeout = 10
+        public var lease: Double = 30
+        public var baseWait: Double = 3600
+        /// Nova's own file: `[libvirt] images_rbd_pool, images_rbd_ceph_conf, rbd_user` and `[glance]` fill
+        /// whatever this file does not set.
+        public var novaConf: String?
+    }
+    /// `[disks]`: both backends.
+    public struct DisksSection: Sendable {
+        /// Local backend: where `<instance_uuid>/disk` overlays go (Nova's instances_path).
+        public var instancesDir: String?
+        /// Bases with no children unused this long are removed (0: never).
+        public var gcIdle: Double = 86400
+        /// How often the agent looks for such bases (0: never).
+        public var gcInterval: Double = 3600
+    }
+
     public var agent = AgentSection()
     public var glance = GlanceSection()
     public var cache = CacheSection()
     public var prefetch = PrefetchSection()
+    public var rbd: RBDSection?
+    public var disks = DisksSection()
 
     public init() {}
 
     public var cacheDirectory: String { cache.directory ?? agent.stateDir + "/cache" }
+    public var instancesDirectory: String { disks.instancesDir ?? agent.stateDir + "/instances" }
 
     public static func load(path: String) throws -> AgentConfig {
         guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
@@ -82,9 +108,10 @@ public struct AgentConfig: Sendable {
             if line.hasPrefix("[") {
                 guard line.hasSuffix("]") else { throw ConfigError("\(at): malformed section header '\(line)'") }
                 let s = String(line.dropFirst().dropLast()).trimmingCharacters(in: .whitespaces)
-                guard ["agent", "glance", "cache", "prefetch", "DEFAULT"].contains(s) else {
-                    throw ConfigError("\(at): unknown section [\(s)] (known: agent, glance, cache, prefetch)")
+                guard ["agent", "glance", "cache", "prefetch", "rbd", "disks", "DEFAULT"].contains(s) else {
+                    throw ConfigError("\(at): unknown section [\(s)] (known: agent, glance, cache, prefetch, rbd, disks)")
                 }
+                if s == "rbd" && c.rbd == nil { c.rbd = RBDSection() }
                 section = s
                 continue
             }
@@ -100,8 +127,49 @@ public struct AgentConfig: Sendable {
                 throw ConfigError("\(at): \(full): \(e.message)")
             }
         }
+        if let nova = c.rbd?.novaConf { try c.applyNovaConf(nova, except: seen) }
         try c.validate()
         return c
+    }
+
+    /// Fills what this file leaves unset from Nova's nova.conf, so the agent follows the compute service's own
+    /// settings: `[libvirt] images_rbd_pool`, `images_rbd_ceph_conf`, `rbd_user`, and `[glance]` (api_servers
+    /// and the keystoneauth password options).
+    mutating func applyNovaConf(_ path: String, except seen: Set<String>) throws {
+        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+            throw ConfigError("[rbd] nova_conf: cannot read '\(path)'")
+        }
+        var values: [String: String] = [:]
+        var section = ""
+        for raw in text.split(separator: "\n") {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            if line.isEmpty || line.hasPrefix("#") || line.hasPrefix(";") { continue }
+            if line.hasPrefix("[") && line.hasSuffix("]") { section = String(line.dropFirst().dropLast()); continue }
+            guard let eq = line.firstIndex(of: "=") else { continue }
+            values["[\(section)] \(line[..<eq].trimmingCharacters(in: .whitespaces))"] = line[line.index(after: eq)...].trimmingCharacters(in: .whitespaces)
+        }
+        let mapping: [(nova: String, ours: (section: String, key: String))] = [
+            ("[libvirt] images_rbd_pool", ("rbd", "pool")),
+            ("[libvirt] images_rbd_ceph_conf", ("rbd", "ceph_conf")),
+            ("[libvirt] rbd_user", ("rbd", "user")),
+            ("[glance] api_servers", ("glance", "api_servers")),
+            ("[glance] auth_type", ("glance", "auth_type")),
+            ("[glance] auth_url", ("glance", "auth_url")),
+            ("[glance] username", ("glance", "username")),
+            ("[glance] password", ("glance", "password")),
+            ("[glance] project_name", ("glance", "project_name")),
+            ("[glance] user_domain_name", ("glance", "user_domain_name")),
+            ("[glance] project_domain_name", ("glance", "project_domain_name")),
+            ("[glance] region_name", ("glance", "region_name")),
+            ("[glance] valid_interfaces", ("glance", "interface")),
+        ]
+        for (nova, ours) in mapping {
+            guard var v = values[nova], !seen.contains("[\(ours.section)] \(ours.key)") else { continue }
+            if ours.key == "auth_type" && v == "v3password" { v = "password" }
+            do { try set(section: ours.section, key: ours.key, value: v) } catch let e as ConfigError {
+                throw ConfigError("\(path): \(nova): \(e.message)")
+            }
+        }
     }
 
     mutating func set(section: String, key: String, value v: String) throws {
@@ -155,6 +223,17 @@ public struct AgentConfig: Sendable {
         case ("prefetch", "bandwidth_limit"):
             let b = try Self.size(v)
             prefetch.bandwidthLimit = b == 0 ? nil : b
+        case ("rbd", "pool"): rbd!.pool = try Self.token(v)
+        case ("rbd", "ceph_conf"): rbd!.cephConf = try Self.path(v)
+        case ("rbd", "user"): rbd!.user = try Self.token(v.hasPrefix("client.") ? String(v.dropFirst(7)) : v)
+        case ("rbd", "keyring"): rbd!.keyring = try Self.path(v)
+        case ("rbd", "connect_timeout"): rbd!.connectTimeout = try Self.int(v, 1...600)
+        case ("rbd", "lease"): rbd!.lease = max(3, try Self.duration(v))
+        case ("rbd", "base_wait"): rbd!.baseWait = try Self.duration(v)
+        case ("rbd", "nova_conf"): rbd!.novaConf = try Self.path(v)
+        case ("disks", "instances_dir"): disks.instancesDir = try Self.path(v)
+        case ("disks", "gc_idle"): disks.gcIdle = try Self.duration(v)
+        case ("disks", "gc_interval"): disks.gcInterval = try Self.duration(v)
         default:
             throw ConfigError("unknown key")
         }

@@ -1,4 +1,6 @@
 import Cache
+import Disks
+import RBD
 import Foundation
 import Glance
 import Hummingbird
@@ -91,14 +93,73 @@ public enum ControlAPI {
             case .upstream: return self.error(.badGateway, e.description)
             case .io: return self.error(.internalServerError, e.description)
             }
+        case let e as DiskError:
+            switch e {
+            case .invalidID, .invalidName, .sizeTooSmall: return self.error(.badRequest, e.description)
+            case .notFound: return self.error(.notFound, e.description)
+            case .exists, .busy, .imageNotActive: return self.error(.conflict, e.description)
+            case .unsafe: return self.error(.unprocessableContent, e.description)
+            case .baseTimeout, .leaseLost: return self.error(.serviceUnavailable, e.description)
+            case .ceph(let c): return response(for: c)
+            case .io: return self.error(.internalServerError, e.description)
+            }
+        case let e as CephError:
+            // The cluster is unreachable or refused us: the agent is fine, its backend is not.
+            return self.error(e.errno == ETIMEDOUT || e.errno == ENOTCONN ? .gatewayTimeout : .badGateway, e.description)
+        case let e as GlanceError:
+            return response(for: CacheError.upstream(e))
         default:
             return self.error(.internalServerError, "\(error)")
         }
     }
 
-    public static func router(cache: ImageCache, policy: PeerPolicy, logger: Logger) -> Router<ControlContext> {
+    /// `POST /v1/disks` body.
+    struct DiskBody: Decodable {
+        var instance_uuid: String
+        var image_id: String
+        var size: UInt64?
+    }
+
+    static func diskRoutes(_ router: Router<ControlContext>, disks: DiskService, idleDefault: Double) {
+        router.post("/v1/disks") { request, ctx in
+            do {
+                let body = try await request.body.collect(upTo: 64 << 10)
+                guard let req = try? JSONDecoder().decode(DiskBody.self, from: Data(buffer: body)) else {
+                    return self.error(.badRequest, "expected JSON {\"instance_uuid\": UUID, \"image_id\": UUID, \"size\": bytes (optional)}")
+                }
+                let info = try await disks.create(DiskRequest(instanceUUID: req.instance_uuid, imageID: req.image_id, size: req.size))
+                return json(.created, encode(info))
+            } catch { return response(for: error) }
+        }
+        router.get("/v1/disks") { _, _ in
+            do { return json(.ok, ["backend": disks.backend.name, "disks": try await disks.backend.list().map(encode)]) } catch { return response(for: error) }
+        }
+        router.get("/v1/disks/:name") { _, ctx in
+            do { return json(.ok, encode(try await disks.backend.get(ctx.parameters.get("name") ?? ""))) } catch { return response(for: error) }
+        }
+        router.delete("/v1/disks/:name") { _, ctx in
+            do {
+                try await disks.backend.remove(ctx.parameters.get("name") ?? "")
+                return Response(status: .noContent)
+            } catch { return response(for: error) }
+        }
+        router.post("/v1/disks/:name/flatten") { _, ctx in
+            do { return json(.ok, encode(try await disks.backend.flatten(ctx.parameters.get("name") ?? ""))) } catch { return response(for: error) }
+        }
+        // Removes idle bases now; `?idle=SECONDS` overrides [disks] gc_idle for this run.
+        router.post("/v1/bases/gc") { request, _ in
+            do {
+                let idle = request.uri.queryParameters.get("idle").flatMap(Double.init) ?? idleDefault
+                return json(.ok, ["removed": try await disks.backend.collectGarbage(idleSeconds: idle)])
+            } catch { return response(for: error) }
+        }
+    }
+
+    public static func router(cache: ImageCache, disks: DiskService? = nil, gcIdle: Double = 86400, policy: PeerPolicy,
+                              logger: Logger) -> Router<ControlContext> {
         let router = Router(context: ControlContext.self)
         router.add(middleware: PeerCredentialsMiddleware(policy: policy, logger: logger))
+        if let disks { diskRoutes(router, disks: disks, idleDefault: gcIdle) }
 
         router.get("/v1/health") { _, _ in
             let used = (try? await cache.usedBytes()) ?? 0

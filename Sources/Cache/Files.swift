@@ -107,7 +107,7 @@ enum FileSystem {
 }
 
 /// Runs blocking work (inspection, conversion, hashing) on a dispatch thread, off the cooperative pool.
-func offload<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+public func offload<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { c in
         DispatchQueue.global().async {
             do { c.resume(returning: try work()) } catch { c.resume(throwing: error) }

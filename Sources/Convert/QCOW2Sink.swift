@@ -11,6 +11,11 @@ public final class QCOW2Sink: ImageSink {
         public var compression: Compression = .none
         public var refcountBits = 16
         public var lazyRefcounts = false
+        /// An overlay: reads of unallocated clusters go to this file (Nova's instance disk over `_base/<sha1>`).
+        /// Only our own trusted bases are ever named here; the reader refuses backing files in images it opens.
+        public var backingFile: String?
+        /// Written as the backing-format header extension, so nothing probes the base's format.
+        public var backingFormat: String?
         public enum Compression: Sendable { case none, zlib, zstd }
         public init() {}
     }
@@ -215,10 +220,30 @@ public final class QCOW2Sink: ImageSink {
             h.be32(96, UInt32(options.refcountBits.trailingZeroBitCount))
             h.be32(100, 112)
             h[104] = zstdHeader ? 1 : 0
-            try file.pwriteAll(h, at: 0)
         } else {
-            try file.pwriteAll(Array(h[0..<72]), at: 0)
+            h.removeLast(112 - 72)
         }
+        // Header extensions (the backing format), their end marker, then the backing file name: all in cluster 0.
+        if let backing = options.backingFile {
+            var ext: [UInt8] = []
+            if let fmt = options.backingFormat {
+                var e = [UInt8](repeating: 0, count: 8)
+                e.be32(0, 0xE279_2ACA)
+                e.be32(4, UInt32(fmt.utf8.count))
+                e += Array(fmt.utf8)
+                while e.count % 8 != 0 { e.append(0) }
+                ext += e
+            }
+            ext += [UInt8](repeating: 0, count: 8)
+            let name = Array(backing.utf8)
+            guard h.count + ext.count + name.count <= unit, name.count <= 1023 else {
+                throw SinkError.invalidOption("backing file name '\(backing.prefix(80))' is too long for the header cluster")
+            }
+            h.be64(8, UInt64(h.count + ext.count))
+            h.be32(16, UInt32(name.count))
+            h += ext + name
+        }
+        try file.pwriteAll(h, at: 0)
         try file.truncate(tail)
         try file.commit()
     }

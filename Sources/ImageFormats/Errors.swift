@@ -77,6 +77,17 @@ public func errnoName(_ err: Int32) -> String {
     case EINTR: return "EINTR"
     case EDQUOT: return "EDQUOT"
     case ENAMETOOLONG: return "ENAMETOOLONG"
+    case EBUSY: return "EBUSY"
+    case EAGAIN: return "EAGAIN"
+    case ERANGE: return "ERANGE"
+    case ENOTEMPTY: return "ENOTEMPTY"
+    case ETIMEDOUT: return "ETIMEDOUT"
+    case ECONNREFUSED: return "ECONNREFUSED"
+    case ENOTCONN: return "ENOTCONN"
+    case ESHUTDOWN: return "ESHUTDOWN"
+    case EOPNOTSUPP: return "EOPNOTSUPP"
+    case ENOSYS: return "ENOSYS"
+    case EDOM: return "EDOM"
     default: return "errno \(err)"
     }
 }

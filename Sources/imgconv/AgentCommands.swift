@@ -160,6 +160,77 @@ struct CacheCommand: AsyncParsableCommand {
     }
 }
 
+struct DiskCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "disk",
+        abstract: "Create, list, flatten and remove instance boot disks through a running agent.",
+        subcommands: [Create.self, List.self, Remove.self, Flatten.self, GC.self])
+    typealias SocketOption = CacheCommand.SocketOption
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make <instance_uuid>_disk from a Glance image: an RBD clone, or a local qcow2 overlay.")
+        @OptionGroup var options: SocketOption
+        @Option(help: "Disk size (bytes, or 20G, 512M); default: the image's virtual size.") var size: String?
+        @Argument(help: "The instance's UUID.") var instance: String
+        @Argument(help: "The Glance image id.") var image: String
+        func run() async throws {
+            var o: [String: Any] = ["instance_uuid": instance, "image_id": image]
+            if let size {
+                guard let n = try? AgentConfig.size(size) else { IMGConv.fail("--size '\(size)' is not a size such as 20G") }
+                o["size"] = n
+            }
+            let body = try JSONSerialization.data(withJSONObject: o)
+            let (_, answer) = try await ControlClient(options.socket).call("POST", "/v1/disks", body: body, timeout: 4 * 3600)
+            print(String(decoding: answer, as: UTF8.self))
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List instance disks.")
+        @OptionGroup var options: SocketOption
+        func run() async throws {
+            let (_, body) = try await ControlClient(options.socket).call("GET", "/v1/disks")
+            if options.json { print(String(decoding: body, as: UTF8.self)); return }
+            let disks = ((try? JSONSerialization.jsonObject(with: body)) as? [String: Any])?["disks"] as? [[String: Any]] ?? []
+            print(pad("DISK", 42), pad("SIZE", 10), "PARENT")
+            for d in disks {
+                print(pad(d["name"] as? String ?? "", 42), pad(humanSize((d["size"] as? NSNumber)?.uint64Value ?? 0), 10),
+                      d["parent"] as? String ?? "-")
+            }
+        }
+    }
+
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "rm", abstract: "Remove an instance disk.")
+        @OptionGroup var options: SocketOption
+        @Argument(help: "<instance_uuid>_disk") var name: String
+        func run() async throws {
+            _ = try await ControlClient(options.socket).call("DELETE", "/v1/disks/\(escape(name))")
+        }
+    }
+
+    struct Flatten: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Copy the parent's data into an RBD clone and detach it.")
+        @OptionGroup var options: SocketOption
+        @Argument(help: "<instance_uuid>_disk") var name: String
+        func run() async throws {
+            let (_, body) = try await ControlClient(options.socket).call("POST", "/v1/disks/\(escape(name))/flatten", timeout: 4 * 3600)
+            print(String(decoding: body, as: UTF8.self))
+        }
+    }
+
+    struct GC: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "gc", abstract: "Remove shared bases that have no disks and have been idle.")
+        @OptionGroup var options: SocketOption
+        @Option(help: "Idle seconds (default: the agent's [disks] gc_idle).") var idle: Int?
+        func run() async throws {
+            let q = idle.map { "?idle=\($0)" } ?? ""
+            try await ControlClient(options.socket).printCall("POST", "/v1/bases/gc\(q)")
+        }
+    }
+}
+
 func escape(_ s: String) -> String {
     s.addingPercentEncoding(withAllowedCharacters: .alphanumerics.union(CharacterSet(charactersIn: "-"))) ?? s
 }
@@ -178,14 +249,18 @@ struct ControlClient {
         print(String(decoding: body, as: UTF8.self))
     }
 
-    func call(_ method: String, _ path: String) async throws -> (Int, Data) {
+    func call(_ method: String, _ path: String, body: Data? = nil, timeout: Int64 = 30) async throws -> (Int, Data) {
         let encoded = socket.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? socket
         var req = HTTPClientRequest(url: "http+unix://\(encoded)\(path)")
         req.method = .init(rawValue: method)
+        if let body {
+            req.headers.add(name: "Content-Type", value: "application/json")
+            req.body = .bytes(ByteBuffer(bytes: body))
+        }
         let http = HTTPClient.shared
         let response: HTTPClientResponse
         do {
-            response = try await http.execute(req, timeout: .seconds(30))
+            response = try await http.execute(req, timeout: .seconds(timeout))
         } catch {
             IMGConv.fail("cannot reach the agent on \(socket): \(error) (is `imgconv agent` running? --socket)")
         }

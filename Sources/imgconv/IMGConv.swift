@@ -13,7 +13,7 @@ struct IMGConv: AsyncParsableCommand {
         commandName: "imgconv",
         abstract: "Inspect and convert disk images (raw, qcow2, vmdk, vpc/vhd, vdi) natively and safely.",
         discussion: "Command lines and JSON follow qemu-img's, so tools that parse qemu-img can use imgconv instead.",
-        subcommands: [Info.self, MapCommand.self, Check.self, ConvertCommand.self, Inspect.self, AgentCommand.self, CacheCommand.self]
+        subcommands: [Info.self, MapCommand.self, Check.self, ConvertCommand.self, Inspect.self, AgentCommand.self, CacheCommand.self, DiskCommand.self]
     )
 
     static func main() async {

@@ -84,8 +84,9 @@ final class AgentProcess: @unchecked Sendable {
     func log() -> String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
     /// An HTTP request over the control socket (curl, as an operator would).
-    func request(_ method: String, _ path: String, asUser uid: UInt32? = nil) throws -> (Int, Any?) {
-        var args = ["curl", "-s", "-m", "60", "--unix-socket", socket, "-X", method, "-w", "\n%{http_code}", "http://agent" + path]
+    func request(_ method: String, _ path: String, asUser uid: UInt32? = nil, json: String? = nil, timeout: Int = 60) throws -> (Int, Any?) {
+        var args = ["curl", "-s", "-m", "\(timeout)", "--unix-socket", socket, "-X", method, "-w", "\n%{http_code}", "http://agent" + path]
+        if let json { args += ["-H", "Content-Type: application/json", "--data-binary", json] }
         if let uid { args = ["setpriv", "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups"] + args }
         let r = try shell(args)
         let lines = r.out.split(separator: "\n", omittingEmptySubsequences: false)

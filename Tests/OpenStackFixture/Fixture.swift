@@ -42,6 +42,8 @@ public enum OpenStack {
     public static var keystoneURL: String { env["KEYSTONE_URL"]! }
     public static var storeDir: String { env["GLANCE_STORE_DIR"]! }
     public static var accessLog: String { env["GLANCE_ACCESS_LOG"]! }
+    /// Glance's Ceph store (the fixture started with IMGCONV_CEPH_ENV), if it has one.
+    public static var rbdStore: String? { env["GLANCE_RBD_STORE"] }
 
     /// Admin tokens are shared by every test of a process (renewed after 30 minutes): issuing one per request
     /// made Keystone's sqlite the bottleneck when two suites ran at once.
@@ -111,10 +113,10 @@ public enum OpenStack {
     /// Sends a request to Glance as admin; returns the status and the JSON body (if any).
     @discardableResult
     public static func glance(_ method: String, _ path: String, json: Any? = nil, body: [UInt8]? = nil,
-                              contentType: String? = nil) async throws -> (Int, Any?) {
+                              contentType: String? = nil, store: String? = nil) async throws -> (Int, Any?) {
         // An upload is not repeatable (a second PUT of the data is a 409): only the other calls are retried.
         if method == "PUT" && path.hasSuffix("/file") {
-            return try await glanceOnce(method, path, json: json, body: body, contentType: contentType)
+            return try await glanceOnce(method, path, json: json, body: body, contentType: contentType, store: store)
         }
         return try await retrying("\(method) \(path)") {
             try await glanceOnce(method, path, json: json, body: body, contentType: contentType)
@@ -140,20 +142,21 @@ public enum OpenStack {
     }
 
     static func glanceOnce(_ method: String, _ path: String, json: Any?, body: [UInt8]?,
-                           contentType: String?) async throws -> (Int, Any?) {
+                           contentType: String?, store: String? = nil) async throws -> (Int, Any?) {
         let jsonBytes = try json.map { [UInt8](try JSONSerialization.data(withJSONObject: $0)) }
         let (status, data) = method == "GET"
             ? try await glanceSend(method, path, json: jsonBytes, body: body, contentType: contentType)
-            : try await writes.run { try await glanceSend(method, path, json: jsonBytes, body: body, contentType: contentType) }
+            : try await writes.run { try await glanceSend(method, path, json: jsonBytes, body: body, contentType: contentType, store: store) }
         let o = data.isEmpty ? nil : try? JSONSerialization.jsonObject(with: Data(data))
         return (status, o)
     }
 
     static func glanceSend(_ method: String, _ path: String, json: [UInt8]?, body: [UInt8]?,
-                           contentType: String?) async throws -> (Int, [UInt8]) {
+                           contentType: String?, store: String? = nil) async throws -> (Int, [UInt8]) {
         var req = HTTPClientRequest(url: glanceURL + path)
         req.method = .init(rawValue: method)
         req.headers.add(name: "X-Auth-Token", value: try await adminToken())
+        if let store { req.headers.add(name: "X-Image-Meta-Store", value: store) }
         if let json {
             req.headers.add(name: "Content-Type", value: contentType ?? "application/json")
             req.body = .bytes(ByteBuffer(bytes: json))
@@ -167,15 +170,17 @@ public enum OpenStack {
     }
 
     /// Creates an image with extra properties and tags, uploads the bytes, and returns its record.
+    /// `store`: a Glance store id (`rbdStore` for the Ceph one).
     public static func createImage(_ bytes: [UInt8], diskFormat: String = "raw", name: String = "imgconv-test",
-                                   properties: [String: String] = [:], tags: [String] = []) async throws -> [String: Any] {
+                                   properties: [String: String] = [:], tags: [String] = [],
+                                   store: String? = nil) async throws -> [String: Any] {
         var meta: [String: Any] = ["name": name, "disk_format": diskFormat, "container_format": "bare", "tags": tags]
         for (k, v) in properties { meta[k] = v }
         let (status, o) = try await glance("POST", "/v2/images", json: meta)
         guard status == 201, let created = o as? [String: Any], let id = created["id"] as? String else {
             throw FixtureError("create image: HTTP \(status) \(String(describing: o))")
         }
-        let (up, err) = try await glance("PUT", "/v2/images/\(id)/file", body: bytes)
+        let (up, err) = try await glance("PUT", "/v2/images/\(id)/file", body: bytes, store: store)
         guard up == 204 else { throw FixtureError("upload: HTTP \(up) \(String(describing: err))") }
         let (_, shown) = try await glance("GET", "/v2/images/\(id)")
         return shown as! [String: Any]

@@ -1,0 +1,3 @@
+#include <rados/librados.h>
+#include <rbd/librbd.h>
+#include <sys/time.h>

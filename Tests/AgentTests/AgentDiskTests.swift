@@ -1,0 +1,181 @@
+import CephFixture
+import Foundation
+import OpenStackFixture
+import RBD
+import Testing
+
+/// `POST /v1/disks` on real agent processes: three agents racing for one base on the real Ceph cluster, a
+/// builder killed with SIGKILL mid-import, Ceph unreachable, and the local qcow2-overlay backend.
+@Suite("agent disks", .enabled(if: OpenStack.available && Ceph.available), .serialized)
+struct AgentDiskTests {
+    func rbdAgent(lease: String = "30", confPath: String = Ceph.confPath, timeout: String = "10") throws -> AgentProcess {
+        let a = try AgentProcess(["rbd": ["ceph_conf": confPath, "user": Ceph.env["CEPH_USER"] ?? "imgconv",
+                                          "keyring": Ceph.env["CEPH_USER_KEYRING"]!, "lease": lease,
+                                          "connect_timeout": timeout]])
+        try a.start()
+        return a
+    }
+
+    /// A qcow2 of `mib` MiB of mixed data (the oracle makes it), and its raw form.
+    func qcow2Image(mib: Int, seed: UInt64, dir: String) throws -> (qcow2: [UInt8], raw: Data) {
+        let raw = Data(OpenStack.testBytes(mib << 20, seed: seed))
+        try raw.write(to: URL(fileURLWithPath: dir + "/src.raw"))
+        let r = try shell(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", dir + "/src.raw", dir + "/src.qcow2"])
+        #expect(r.status == 0, "\(r.err)")
+        return ([UInt8](try Data(contentsOf: URL(fileURLWithPath: dir + "/src.qcow2"))), raw)
+    }
+
+    func body(_ instance: String, _ image: String) -> String { #"{"instance_uuid": "\#(instance)", "image_id": "\#(image)"}"# }
+
+    func exported(_ spec: String, _ dir: String) throws -> Data {
+        try Ceph.export(spec, to: dir + "/export.raw")
+        return try Data(contentsOf: URL(fileURLWithPath: dir + "/export.raw"))
+    }
+
+    let vms = Result { try RadosCluster(Ceph.user).ioContext(pool: "vms") }
+
+    func rbdImages() throws -> [String] { try vms.get().listImages() }
+
+    @Test func threeAgentsOneImport() async throws {
+        let dir = NSTemporaryDirectory() + "imgconv-3agents-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (qcow2, raw) = try qcow2Image(mib: 24, seed: 21, dir: dir)
+        let image = try await OpenStack.createImage(qcow2, diskFormat: "qcow2", name: "agent-disks-3")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let agents = try (0..<3).map { _ in try rbdAgent() }
+        defer { for a in agents { a.stop() } }
+
+        let raws = try await withThrowingTaskGroup(of: (Int, Data).self) { g in
+            for a in agents {
+                g.addTask {
+                    let (s, o) = try a.request("POST", "/v1/disks", json: self.body(UUID().uuidString.lowercased(), id), timeout: 300)
+                    return (s, (try? JSONSerialization.data(withJSONObject: o ?? [:])) ?? Data())
+                }
+            }
+            return try await g.reduce(into: [(Int, Data)]()) { $0.append($1) }
+        }
+        let answers = raws.map { ($0.0, (try? JSONSerialization.jsonObject(with: $0.1)) as? [String: Any] ?? [:]) }
+        #expect(answers.allSatisfy { $0.0 == 201 }, "\(answers)")
+        let methods = answers.map { $0.1["method"] as? String ?? "" }
+        #expect(methods.filter { $0 == "base-built" }.count == 1, "\(methods)")
+        #expect(methods.filter { $0 == "base-reused" }.count == 2, "\(methods)")
+        // Only the builder downloaded: one GET of the data for three instances on three nodes.
+        #expect(OpenStack.fileRequests(id) == 1)
+        for (_, o) in answers { #expect(try exported(o["location"] as! String, dir) == raw) }
+
+        let (ls, listed) = try agents[1].request("GET", "/v1/disks")
+        #expect(ls == 200)
+        let names = ((listed as? [String: Any])?["disks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+        for (_, o) in answers { #expect(names.contains(o["name"] as! String)) }
+        for (_, o) in answers { #expect(try agents[2].request("DELETE", "/v1/disks/\(o["name"] as! String)").0 == 204) }
+        let (gc, removed) = try agents[0].request("POST", "/v1/bases/gc?idle=0")
+        #expect(gc == 200)
+        #expect(((removed as? [String: Any])?["removed"] as? [String] ?? []).contains("imgconv-base-\(id)"))
+        #expect(try !rbdImages().contains("imgconv-base-\(id)"))
+    }
+
+    @Test func killedImporterIsTakenOver() async throws {
+        let dir = NSTemporaryDirectory() + "imgconv-kill-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (qcow2, raw) = try qcow2Image(mib: 384, seed: 22, dir: dir)
+        let image = try await OpenStack.createImage(qcow2, diskFormat: "qcow2", name: "agent-disks-kill")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let a = try rbdAgent(lease: "4")
+        let b = try rbdAgent(lease: "4")
+        defer { a.stop(); b.stop() }
+
+        let request = body(UUID().uuidString.lowercased(), id)
+        let first = Task { _ = try? a.request("POST", "/v1/disks", json: request, timeout: 300) }
+        // Kill the builder once its half-written base is in the pool.
+        let deadline = Date().addingTimeInterval(120)
+        var part: String?
+        while part == nil && Date() < deadline {
+            part = try rbdImages().first { $0.hasPrefix("imgconv-base-\(id).part-") }
+            if part == nil { try await Task.sleep(nanoseconds: 20_000_000) }
+        }
+        a.kill9()
+        await first.value
+        let half = try #require(part, "the builder never started writing its base: \(a.log().suffix(3000))")
+        #expect(try !rbdImages().contains("imgconv-base-\(id)"), "the killed builder finished before it was killed")
+
+        let started = Date()
+        let (s, o) = try b.request("POST", "/v1/disks", json: body(UUID().uuidString.lowercased(), id), timeout: 300)
+        #expect(s == 201, "\(String(describing: o)) \(b.log().suffix(2000))")
+        let info = o as? [String: Any] ?? [:]
+        #expect(info["method"] as? String == "base-built")
+        #expect(Date().timeIntervalSince(started) < 120)
+        #expect(try exported(info["location"] as! String, dir) == raw)
+        // The dead builder's part is never cloned; Ceph keeps it busy until the dead client's watch times out
+        // (osd_client_watch_timeout: 5 s on the test cluster, 30 s by default), then GC removes it.
+        #expect(info["parent"] as? String == "vms/imgconv-base-\(id)@imgconv")
+        let gcDeadline = Date().addingTimeInterval(60)
+        while try rbdImages().contains(half) && Date() < gcDeadline {
+            _ = try b.request("POST", "/v1/bases/gc?idle=3600")
+            try await Task.sleep(nanoseconds: 500_000_000)
+        }
+        #expect(try !rbdImages().contains(half), "the dead builder's part was never removed")
+        #expect(try rbdImages().contains("imgconv-base-\(id)"), "GC removed a base that has a child")
+        #expect(try b.request("DELETE", "/v1/disks/\(info["name"] as! String)").0 == 204)
+        _ = try b.request("POST", "/v1/bases/gc?idle=0")
+    }
+
+    @Test func cephUnreachableIsAClearErrorWithinTheTimeout() async throws {
+        let dir = NSTemporaryDirectory() + "imgconv-deadceph-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let conf = try String(contentsOfFile: Ceph.confPath, encoding: .utf8)
+            .replacingOccurrences(of: #"mon host = .*"#, with: "mon host = 127.0.0.1:1", options: .regularExpression)
+        try conf.write(toFile: dir + "/ceph.conf", atomically: true, encoding: .utf8)
+        let image = try await OpenStack.createImage(OpenStack.testBytes(1 << 20, seed: 23), diskFormat: "raw", name: "agent-disks-dead")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let a = try rbdAgent(confPath: dir + "/ceph.conf", timeout: "3")
+        defer { a.stop() }
+        let started = Date()
+        let (s, o) = try a.request("POST", "/v1/disks", json: body(UUID().uuidString.lowercased(), id))
+        let took = Date().timeIntervalSince(started)
+        #expect(s == 504 || s == 502, "\(s) \(String(describing: o))")
+        let message = ((o as? [String: Any])?["error"] as? [String: Any])?["message"] as? String ?? ""
+        #expect(message.contains("rados_connect"), "\(message)")
+        #expect(took < 10, "took \(took) s with connect_timeout = 3")
+        #expect(try a.request("GET", "/v1/health").0 == 200)
+    }
+
+    @Test func localBackendMakesAQcow2OverlayOnARawBase() async throws {
+        let dir = NSTemporaryDirectory() + "imgconv-local-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (qcow2, raw) = try qcow2Image(mib: 8, seed: 24, dir: dir)
+        try raw.write(to: URL(fileURLWithPath: dir + "/expected.raw"))
+        let image = try await OpenStack.createImage(qcow2, diskFormat: "qcow2", name: "agent-disks-local")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let a = try AgentProcess()
+        try a.start()
+        defer { a.stop() }
+        let instance = UUID().uuidString.lowercased()
+        let (s, o) = try a.request("POST", "/v1/disks", json: #"{"instance_uuid": "\#(instance)", "image_id": "\#(id)", "size": 16777216}"#)
+        #expect(s == 201, "\(String(describing: o)) \(a.log().suffix(1500))")
+        let info = o as? [String: Any] ?? [:]
+        #expect(info["backend"] as? String == "local")
+        let path = try #require(info["location"] as? String)
+        #expect(path == a.dir + "/state/instances/\(instance)/disk")
+        let qinfo = try shell(["qemu-img", "info", "--output", "json", path])
+        let q = try JSONSerialization.jsonObject(with: Data(qinfo.out.utf8)) as? [String: Any] ?? [:]
+        #expect(q["format"] as? String == "qcow2")
+        #expect(q["virtual-size"] as? Int == 16 << 20)
+        #expect(q["backing-filename"] as? String == a.dir + "/state/instances/_base/\(id)")
+        #expect(q["backing-filename-format"] as? String == "raw")
+        #expect(try shell(["qemu-img", "check", path]).status == 0)
+        // The guest sees the image, then zeros up to the flavor's size.
+        let cmp = try shell(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, dir + "/expected.raw"])
+        #expect(cmp.status == 0, "\(cmp.out) \(cmp.err)")
+        #expect(try a.request("POST", "/v1/disks", json: #"{"instance_uuid": "\#(instance)", "image_id": "\#(id)"}"#).0 == 409)
+        #expect(try a.request("DELETE", "/v1/disks/\(instance)_disk").0 == 204)
+        #expect(!FileManager.default.fileExists(atPath: path))
+    }
+}

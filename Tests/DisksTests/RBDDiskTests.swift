@@ -1,0 +1,182 @@
+import CephFixture
+import Disks
+import Foundation
+import OpenStackFixture
+import RBD
+import Synchronization
+import Testing
+
+/// Instance disks on the real Ceph cluster, with images from the real Glance: the base path for every format,
+/// base reuse, cluster-wide single flight between nodes, take-over from a dead builder, sizes, removal and GC.
+@Suite("rbd disks", .enabled(if: Ceph.available && OpenStack.available), .serialized)
+struct RBDDiskTests {
+    @Test(arguments: [
+        ("qcow2-zlib.qcow2", "qcow2"), ("qcow2-v3.qcow2", "qcow2"), ("vmdk-stream-optimized.vmdk", "vmdk"),
+        ("vpc-dynamic.vhd", "vpc"), ("vdi-dynamic.vdi", "vdi"), ("base.raw", "raw"),
+    ])
+    func basePathBuildsOnceThenClones(sample: String, format: String) async throws {
+        let dir = try temporaryDirectory("base")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let glanceFormat = format == "vpc" ? "vhd" : format
+        let image = try await OpenStack.createImage(try sampleBytes(sample), diskFormat: glanceFormat, name: "disks-\(sample)")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let (service, backend) = try node(dir)
+        let expected = try expectedRaw(sample, format: format, dir: dir)
+
+        let first = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id))
+        #expect(first.method == .baseBuilt)
+        #expect(first.parent == "vms/imgconv-base-\(id)@imgconv")
+        #expect(first.size == UInt64(expected.count))
+        // Only data went into Ceph: never a zero run.
+        #expect(first.bytesWritten == nonZeroUnitBytes(expected))
+        #expect(try exported(first.location, dir: dir) == expected)
+
+        let second = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id))
+        #expect(second.method == .baseReused)
+        #expect(second.bytesWritten == 0)
+        #expect(second.seconds! < 1, "second instance took \(second.seconds!) s")
+        #expect(try exported(second.location, dir: dir) == expected)
+        #expect(backend.stats.withLock { $0 } == RBDBackend.Stats(glanceClones: 0, basesBuilt: 1, baseClones: 2, takeovers: 0))
+
+        // Listed, with their parent and image; the base itself is not a disk.
+        let listed = try await backend.list().filter { [first.name, second.name].contains($0.name) }
+        #expect(listed.count == 2)
+        #expect(listed.allSatisfy { $0.parent == first.parent && $0.imageID == id })
+
+        // The base stays while it has children; once they are gone GC removes it.
+        #expect(try await backend.collectGarbage(idleSeconds: 0).contains("imgconv-base-\(id)") == false)
+        try await backend.remove(first.name)
+        try await backend.remove(second.name)
+        await #expect(throws: DiskError.self) { try await backend.remove(second.name) }
+        #expect(try await backend.collectGarbage(idleSeconds: 3600).contains("imgconv-base-\(id)") == false)
+        #expect(try await backend.collectGarbage(idleSeconds: 0).contains("imgconv-base-\(id)"))
+        #expect(try await !backend.pool().imageExists("imgconv-base-\(id)"))
+    }
+
+    @Test func sizesAndNames() async throws {
+        let dir = try temporaryDirectory("sizes")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let image = try await OpenStack.createImage(try sampleBytes("qcow2-v3.qcow2"), diskFormat: "qcow2", name: "disks-sizes")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let (service, backend) = try node(dir)
+        let virtual = UInt64(try expectedRaw("qcow2-v3.qcow2", format: "qcow2", dir: dir).count)
+
+        await #expect(throws: DiskError.self) {
+            try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id, size: virtual - 512))
+        }
+        let big = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id, size: 64 << 20))
+        #expect(big.size == 64 << 20)
+        let data = try exported(big.location, dir: dir)
+        #expect(data.count == 64 << 20)
+        #expect(data.prefix(Int(virtual)) == (try expectedRaw("qcow2-v3.qcow2", format: "qcow2", dir: dir)))
+        #expect(data.suffix(from: Int(virtual)).allSatisfy { $0 == 0 })
+        // The same instance twice is a conflict, not a second disk.
+        let again = big.name.replacingOccurrences(of: "_disk", with: "")
+        await #expect(throws: DiskError.self) { try await service.create(DiskRequest(instanceUUID: again, imageID: id)) }
+        // Names that are not <uuid>_disk never reach Ceph.
+        for bad in ["../etc", "imgconv-base-\(id)", "x_disk", "\(newInstance())_disk/../../y"] {
+            await #expect(throws: DiskError.self) { try await backend.remove(bad) }
+        }
+        await #expect(throws: DiskError.self) { try await service.create(DiskRequest(instanceUUID: "nonsense", imageID: id)) }
+        let flat = try await backend.flatten(big.name)
+        #expect(flat.parent == nil)
+        try await backend.remove(big.name)
+        _ = try await backend.collectGarbage(idleSeconds: 0)
+    }
+
+    /// Three nodes (three caches, three Ceph clients) ask for the same new image at once: one builds, two clone.
+    @Test func clusterWideSingleFlight() async throws {
+        let dir = try temporaryDirectory("flight")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let image = try await OpenStack.createImage(try sampleBytes("qcow2-zlib.qcow2"), diskFormat: "qcow2", name: "disks-flight")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let nodes = try (0..<3).map { try node(dir + "/node\($0)") }
+        let disks = try await withThrowingTaskGroup(of: DiskInfo.self) { g in
+            for (service, _) in nodes {
+                g.addTask { try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id)) }
+            }
+            return try await g.reduce(into: [DiskInfo]()) { $0.append($1) }
+        }
+        #expect(disks.filter { $0.method == .baseBuilt }.count == 1)
+        #expect(disks.filter { $0.method == .baseReused }.count == 2)
+        #expect(nodes.map { $0.1.stats.withLock { $0.basesBuilt } }.reduce(0, +) == 1)
+        let expected = try expectedRaw("qcow2-zlib.qcow2", format: "qcow2", dir: dir)
+        for d in disks { #expect(try exported(d.location, dir: dir) == expected) }
+        for d in disks { try await nodes[0].1.remove(d.name) }
+        _ = try await nodes[0].1.collectGarbage(idleSeconds: 0)
+    }
+
+    /// A builder that died mid-import: its lease (3 s) is left unrenewed and its half-written part is in the pool.
+    /// The next agent waits for the lease to expire, removes the part, builds the base itself; the part is never
+    /// cloned.
+    @Test func takesOverFromADeadBuilder() async throws {
+        let dir = try temporaryDirectory("takeover")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let image = try await OpenStack.createImage(try sampleBytes("vdi-dynamic.vdi"), diskFormat: "vdi", name: "disks-takeover")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+
+        let dead = try RadosCluster(Ceph.user).ioContext(pool: "vms")
+        #expect(try dead.lease(object: "imgconv-lease.\(id)", name: "build", cookie: "dead-agent", description: "test", seconds: 3, renew: false))
+        let part = "imgconv-base-\(id).part-deadbeef"
+        try dead.createImage(part, size: 4 << 20)
+        let img = try dead.openImage(part)
+        try [UInt8](repeating: 0xEE, count: 4096).withUnsafeBytes { try img.write($0, at: 0) }
+        img.close()
+
+        let (service, backend) = try node(dir)
+        let started = Date()
+        let disk = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id))
+        let waited = Date().timeIntervalSince(started)
+        #expect(waited >= 2, "built after \(waited) s, before the dead builder's lease expired")
+        #expect(disk.method == .baseBuilt)
+        #expect(backend.stats.withLock { $0.takeovers } == 1)
+        #expect(try exported(disk.location, dir: dir) == (try expectedRaw("vdi-dynamic.vdi", format: "vdi", dir: dir)))
+        #expect(try !dead.imageExists(part))
+        try await backend.remove(disk.name)
+        _ = try await backend.collectGarbage(idleSeconds: 0)
+    }
+
+    /// A raw image Glance keeps in this cluster: cloned from Glance's own snapshot, nothing downloaded or written.
+    @Test func glanceRBDImageIsClonedWithoutADownload() async throws {
+        let store = try #require(OpenStack.rbdStore, "the fixture's Glance has no Ceph store (start it with IMGCONV_CEPH_ENV)")
+        let dir = try temporaryDirectory("glance-clone")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let bytes = OpenStack.testBytes(12 << 20, seed: 11)
+        let image = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "disks-rbd-raw", store: store)
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let location = "rbd://\(Ceph.fsid)/images/\(id)/snap"
+        #expect((image["direct_url"] as? String) == location)
+        let (service, backend) = try node(dir)
+
+        await #expect(throws: DiskError.self) {
+            try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id, size: UInt64(bytes.count) - 4096))
+        }
+        let disk = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id, size: 20 << 20))
+        #expect(disk.method == .glanceClone)
+        #expect(disk.parent == "images/\(id)@snap")
+        #expect(disk.bytesWritten == 0)
+        #expect(disk.size == 20 << 20)
+        #expect(OpenStack.fileRequests(id) == 0, "the clone path downloaded the image")
+        let data = try exported(disk.location, dir: dir)
+        #expect(data.prefix(bytes.count) == Data(bytes))
+        #expect(data.count == 20 << 20 && data.suffix(from: bytes.count).allSatisfy { $0 == 0 })
+        #expect(backend.stats.withLock { $0.glanceClones } == 1)
+
+        // A qcow2 kept in Ceph cannot be cloned as a disk: it takes the base path instead.
+        let q = try await OpenStack.createImage(try sampleBytes("qcow2-zlib.qcow2"), diskFormat: "qcow2", name: "disks-rbd-qcow2", store: store)
+        let qid = q["id"] as! String
+        defer { Task { await OpenStack.deleteImage(qid) } }
+        let qdisk = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: qid))
+        #expect(qdisk.method == .baseBuilt)
+        #expect(try exported(qdisk.location, dir: dir) == (try expectedRaw("qcow2-zlib.qcow2", format: "qcow2", dir: dir)))
+
+        try await backend.remove(disk.name)
+        try await backend.remove(qdisk.name)
+        _ = try await backend.collectGarbage(idleSeconds: 0)
+    }
+}
