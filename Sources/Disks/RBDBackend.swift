@@ -273,8 +273,17 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
     }
 
     /// Unprotects and removes every snapshot, then the image.
+    /// An image whose creator died inside `rbd_create` is listed but has no header (open: ENOENT);
+    /// `rbd_remove` still cleans up what there is.
     static func removeWithSnapshots(_ io: IOContext, _ name: String) throws {
-        let img = try io.openImage(name)
+        let img: RBDImage
+        do {
+            img = try io.openImage(name)
+        } catch {
+            guard error.errno == ENOENT else { throw error }
+            try io.removeImage(name)
+            return
+        }
         for s in try img.snapshots() {
             if try img.isProtected(s.name) { try img.unprotectSnapshot(s.name) }
             try img.removeSnapshot(s.name)
@@ -349,6 +358,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
     public func collectGarbage(idleSeconds: Double) async throws -> [String] {
         let io = try await pool()
         let prefix = settings.basePrefix, snapshot = settings.snapshot, seconds = settings.leaseSeconds
+        let logger = self.logger
         return try await offload { () throws -> [String] in
             var removed: [String] = []
             let now = Date().timeIntervalSince1970
@@ -374,7 +384,9 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
                     try Self.removeWithSnapshots(io, name)
                     removed.append(name)
                 } catch {
-                    // A clone raced us (EBUSY on unprotect) or the image is still open: keep it for the next round.
+                    // A clone raced us (EBUSY on unprotect) or the image is still open (a dead client's watch lasts
+                    // until the OSDs time it out): keep it for the next round.
+                    logger.info("gc: not removed yet", metadata: ["image": "\(io.pool)/\(name)", "error": "\(error)"])
                     continue
                 }
             }

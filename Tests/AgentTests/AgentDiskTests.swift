@@ -117,7 +117,7 @@ struct AgentDiskTests {
             _ = try b.request("POST", "/v1/bases/gc?idle=3600")
             try await Task.sleep(nanoseconds: 500_000_000)
         }
-        #expect(try !rbdImages().contains(half), "the dead builder's part was never removed")
+        #expect(try !rbdImages().contains(half), "the dead builder's part was never removed: \(b.log().suffix(3000))")
         #expect(try rbdImages().contains("imgconv-base-\(id)"), "GC removed a base that has a child")
         #expect(try b.request("DELETE", "/v1/disks/\(info["name"] as! String)").0 == 204)
         _ = try b.request("POST", "/v1/bases/gc?idle=0")

@@ -98,4 +98,68 @@ struct ConfigTests {
         #expect(p.allows(uid: 2000, gid: 117))
         #expect(!p.allows(uid: 65534, gid: 65534))
     }
+
+    @Test func rbdAndDisksSections() throws {
+        let c = try AgentConfig.parse(minimal + """
+
+        [rbd]
+        pool = vms2
+        ceph_conf = /etc/ceph/ceph.conf
+        user = client.nova
+        keyring = /etc/ceph/ceph.client.nova.keyring
+        connect_timeout = 7
+        lease = 1m
+        base_wait = 2h
+        [disks]
+        instances_dir = /var/lib/nova/instances
+        gc_idle = 3d
+        gc_interval = 0
+        """)
+        let r = try #require(c.rbd)
+        #expect(r.pool == "vms2" && r.user == "nova" && r.connectTimeout == 7 && r.lease == 60 && r.baseWait == 7200)
+        #expect(r.cephConf == "/etc/ceph/ceph.conf" && r.keyring == "/etc/ceph/ceph.client.nova.keyring")
+        #expect(c.instancesDirectory == "/var/lib/nova/instances" && c.disks.gcIdle == 3 * 86400 && c.disks.gcInterval == 0)
+        // No [rbd] section: the local backend, instances under the state directory.
+        let local = try AgentConfig.parse(minimal)
+        #expect(local.rbd == nil && local.instancesDirectory == "/var/lib/imgconv/instances")
+        #expect(throws: ConfigError.self) { try AgentConfig.parse(minimal + "\n[rbd]\nconnect_timeout = 0\n") }
+        #expect(throws: ConfigError.self) { try AgentConfig.parse(minimal + "\n[rbd]\npool = ../x\n") }
+        #expect(throws: ConfigError.self) { try AgentConfig.parse(minimal + "\n[rbd]\nmon_host = 1.2.3.4\n") }
+    }
+
+    /// `nova_conf` fills what the agent's file leaves unset from Nova's own settings; the agent's file wins.
+    @Test func readsNovaConf() throws {
+        let path = NSTemporaryDirectory() + "nova-\(UUID().uuidString.prefix(6)).conf"
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try """
+        [DEFAULT]
+        instances_path = /var/lib/nova/instances
+        [libvirt]
+        images_type = rbd
+        images_rbd_pool = nova-vms
+        images_rbd_ceph_conf = /etc/ceph/nova.conf
+        rbd_user = cinder
+        rbd_secret_uuid = 457eb676-33da-42ec-9a8c-9293d545c337
+        [glance]
+        api_servers = http://glance.internal:9292
+        auth_type = password
+        auth_url = http://keystone.internal:5000/v3
+        username = nova
+        password = from-nova
+        project_name = service
+        region_name = RegionOne
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        let c = try AgentConfig.parse("""
+        [rbd]
+        nova_conf = \(path)
+        user = imgconv
+        """)
+        let r = try #require(c.rbd)
+        #expect(r.pool == "nova-vms" && r.cephConf == "/etc/ceph/nova.conf")
+        #expect(r.user == "imgconv", "the agent's own setting wins")
+        #expect(c.glance.apiServers == ["http://glance.internal:9292"])
+        #expect(c.glance.authURL == "http://keystone.internal:5000/v3" && c.glance.username == "nova" && c.glance.password == "from-nova")
+        #expect(c.glance.regionName == "RegionOne")
+        #expect(throws: ConfigError.self) { try AgentConfig.parse("[rbd]\nnova_conf = /nonexistent/nova.conf\n") }
+    }
 }

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Boot-disk benchmark on the real Ceph cluster: time from request to a ready `vms/<instance>_disk`, in one run.
+#   - clone path:  a raw image in Glance's Ceph store, cloned from Glance's own snapshot (POST /v1/disks)
+#   - base path, first instance: a zlib qcow2 in Glance's file store; the agent downloads and verifies it,
+#     inspects it and streams the conversion into a new shared base (cache and base emptied before each run)
+#   - base path, second instance: the base exists; only a clone
+#   - Nova's non-clone path on the same qcow2: download to a file, `qemu-img convert -O raw`, `rbd import`
+# Medians (and p50 for the clone paths) of N runs (default 5). Needs scripts/ceph-cluster.sh and the Glance
+# fixture started with IMGCONV_CEPH_ENV (both started here if not running).
+# Usage: bench/disks.sh [runs] [qcow2 image (default: the 1 GiB mixed zlib qcow2 of bench/make-corpus.sh)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-5}
+dir=/tmp/imgconv-bench
+bash bench/make-corpus.sh "$dir" >/dev/null
+src=${2:-$dir/mixed-zlib.qcow2}
+cephenv=$(bash scripts/ceph-cluster.sh env)
+envfile=$(bash scripts/openstack-fixture.sh env)
+if ! [ -f "$cephenv" ]; then bash scripts/ceph-cluster.sh start >/dev/null; fi
+if ! grep -q '^GLANCE_RBD_STORE=' "$envfile" 2>/dev/null || ! curl -sf -m 5 -o /dev/null "$(. "$envfile"; echo "$GLANCE_URL")/healthcheck"; then
+    bash scripts/openstack-fixture.sh stop >/dev/null
+    IMGCONV_CEPH_ENV=$cephenv bash scripts/openstack-fixture.sh start >/dev/null
+fi
+# shellcheck disable=SC1090
+. "$envfile"
+# shellcheck disable=SC1090
+. "$cephenv"
+swift build -c release --product imgconv >/dev/null
+IMGCONV=$(swift build -c release --show-bin-path)/imgconv
+RBD=(rbd -c "$CEPH_CONF" --id admin --keyring "$CEPH_ADMIN_KEYRING")
+TOK=$(bash scripts/openstack-fixture.sh token)
+
+upload() {  # file disk_format [store] -> image id
+    local id
+    id=$(curl -sf -X POST "$GLANCE_URL/v2/images" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/json' \
+        -d "{\"name\":\"bench-disks\",\"disk_format\":\"$2\",\"container_format\":\"bare\"}" |
+        python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')
+    curl -sf -X PUT "$GLANCE_URL/v2/images/$id/file" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/octet-stream' \
+        ${3:+-H "X-Image-Meta-Store: $3"} -T "$1" >/dev/null
+    echo "$id"
+}
+work=$dir/disks
+rm -rf "$work"; mkdir -p "$work"
+qid=$(upload "$src" qcow2)
+head -c $((64 << 20)) "$dir/mixed.raw" >"$work/small.raw"
+rid=$(upload "$work/small.raw" raw "$GLANCE_RBD_STORE")
+
+cat >"$work/agent.conf" <<EOF
+[agent]
+socket_path = $work/agent.sock
+state_dir = $work/state
+[glance]
+auth_url = $KEYSTONE_URL
+username = admin
+password = secret
+project_name = admin
+[cache]
+directory = $work/cache
+max_size = 8G
+[rbd]
+ceph_conf = $CEPH_CONF
+user = $CEPH_USER
+keyring = $CEPH_USER_KEYRING
+[disks]
+gc_interval = 0
+EOF
+"$IMGCONV" agent --config "$work/agent.conf" --log-level warning 2>"$work/agent.log" &
+agent=$!
+cleanup() {
+    kill $agent 2>/dev/null; wait $agent 2>/dev/null
+    for d in $("${RBD[@]}" ls vms | grep -E '_disk$|^bench-nova-' || true); do "${RBD[@]}" rm --no-progress "vms/$d" >/dev/null 2>&1 || true; done
+    for d in $("${RBD[@]}" ls vms | grep '^imgconv-base-' || true); do
+        "${RBD[@]}" snap unprotect "vms/$d@imgconv" >/dev/null 2>&1 || true
+        "${RBD[@]}" snap purge --no-progress "vms/$d" >/dev/null 2>&1 || true
+        "${RBD[@]}" rm --no-progress "vms/$d" >/dev/null 2>&1 || true
+    done
+    curl -s -X DELETE -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$qid" >/dev/null
+    curl -s -X DELETE -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$rid" >/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+for _ in $(seq 100); do [ -S "$work/agent.sock" ] && break; sleep 0.1; done
+api() { curl -sf -m 3600 --unix-socket "$work/agent.sock" "$@"; }
+create() {  # image -> "wall seconds" "disk name" "method"
+    local inst t0 out
+    inst=$(cat /proc/sys/kernel/random/uuid)
+    t0=$(date +%s.%N)
+    out=$(api -X POST -H 'Content-Type: application/json' -d "{\"instance_uuid\":\"$inst\",\"image_id\":\"$1\"}" http://a/v1/disks)
+    echo "$(echo "$(date +%s.%N) - $t0" | bc) ${inst}_disk $(echo "$out" | python3 -c 'import json,sys;print(json.load(sys.stdin)["method"])')"
+}
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+clone=() first=() second=() nova=()
+for i in $(seq "$runs"); do
+    # Nova: download, convert to raw, import (what nova-compute does for a qcow2 image with images_type = rbd).
+    sync
+    t0=$(date +%s.%N)
+    curl -sf -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$qid/file" -o "$work/nova.part"
+    qemu-img convert -f qcow2 -O raw "$work/nova.part" "$work/nova.raw"
+    "${RBD[@]}" import --no-progress --image-format 2 "$work/nova.raw" "vms/bench-nova-$i" >/dev/null
+    nova+=("$(echo "$(date +%s.%N) - $t0" | bc)")
+    rm -f "$work/nova.part" "$work/nova.raw"
+    "${RBD[@]}" rm --no-progress "vms/bench-nova-$i" >/dev/null
+
+    # imgconv, first instance: nothing cached, no base.
+    api -X DELETE "http://a/v1/images/$qid" >/dev/null 2>&1 || true
+    sync
+    read -r t name method < <(create "$qid")
+    [ "$method" = base-built ] || { echo "expected base-built, got $method" >&2; exit 1; }
+    first+=("$t")
+    read -r t name2 method < <(create "$qid")
+    [ "$method" = base-reused ] || { echo "expected base-reused, got $method" >&2; exit 1; }
+    second+=("$t")
+    read -r t name3 method < <(create "$rid")
+    [ "$method" = glance-clone ] || { echo "expected glance-clone, got $method" >&2; exit 1; }
+    clone+=("$t")
+    for n in "$name" "$name2" "$name3"; do api -X DELETE "http://a/v1/disks/$n" >/dev/null; done
+    api -X POST "http://a/v1/bases/gc?idle=0" >/dev/null
+done
+rss=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$agent/status")
+m() { printf '%s\n' "$@" | median; }
+nv=$(m "${nova[@]}") fi=$(m "${first[@]}") se=$(m "${second[@]}") cl=$(m "${clone[@]}")
+echo "source: $(basename "$src") ($(du -h --apparent-size "$src" | cut -f1), virtual $(qemu-img info --output json "$src" | python3 -c 'import json,sys;print(json.load(sys.stdin)["virtual-size"] >> 20)') MiB); medians of $runs; agent peak RSS ${rss} MiB"
+echo "| path | request to ready disk (s) | vs Nova's path |"
+echo "|---|---|---|"
+echo "| Nova: download + qemu-img convert -O raw + rbd import | $nv | 1.00x |"
+printf '| imgconv, base path, first instance (download, verify, convert into RBD, snapshot, clone) | %s | %.2fx |\n' "$fi" "$(echo "$nv / $fi" | bc -l)"
+printf '| imgconv, base path, second instance (clone) | %s | %.0fx |\n' "$se" "$(echo "$nv / $se" | bc -l)"
+printf '| imgconv, Glance rbd clone (raw image in Ceph, 64 MiB) | %s | |\n' "$cl"
+echo "all runs: nova ${nova[*]}; first ${first[*]}; second ${second[*]}; clone ${clone[*]}"
