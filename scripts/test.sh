@@ -22,7 +22,8 @@ cleanup() {
 }
 trap cleanup EXIT
 ceph_up || started_ceph=1
-glance_up || started_os=1
+# A new cluster has a new fsid and no client.glance: Glance's rbd store must be set up again.
+if [ -n "$started_ceph" ] || ! glance_up; then started_os=1; fi
 if [ -n "$started_ceph$started_os" ]; then
     # Ceph first (Glance's rbd store needs its fsid and a cephx user), both while the build runs.
     (

@@ -116,7 +116,7 @@ public enum DiskError: Error, Sendable, CustomStringConvertible {
 /// Where instance disks live: RBD clones in a pool, or qcow2 overlays in a directory.
 public protocol DiskBackend: Sendable {
     var name: String { get }
-    func create(_ request: DiskRequest, image: GlanceImage, cache: ImageCache) async throws -> DiskInfo
+    func create(_ request: DiskRequest, image: GlanceImage, cache: ImageCache, source: any ImageSource) async throws -> DiskInfo
     func list() async throws -> [DiskInfo]
     func get(_ name: String) async throws -> DiskInfo
     func remove(_ name: String) async throws
@@ -142,7 +142,7 @@ public struct DiskService: Sendable {
         guard ImageID.isValid(request.imageID) else { throw DiskError.invalidID(field: "image_id", value: request.imageID) }
         let image = try await source.show(request.imageID)
         guard image.status == "active" else { throw DiskError.imageNotActive(id: image.id, status: image.status) }
-        return try await backend.create(request, image: image, cache: cache)
+        return try await backend.create(request, image: image, cache: cache, source: source)
     }
 
     /// `<uuid>_disk` and nothing else: names reach Ceph and paths.

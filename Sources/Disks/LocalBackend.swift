@@ -27,7 +27,7 @@ public final class LocalBackend: DiskBackend, @unchecked Sendable {
     func basePath(_ imageID: String) -> String { "\(baseDir)/\(imageID.lowercased())" }
     func diskPath(_ name: String) -> String { "\(instancesDir)/\(name.dropLast(5))/disk" }
 
-    public func create(_ request: DiskRequest, image: GlanceImage, cache: ImageCache) async throws -> DiskInfo {
+    public func create(_ request: DiskRequest, image: GlanceImage, cache: ImageCache, source: any ImageSource) async throws -> DiskInfo {
         let started = ContinuousClock.now
         let name = request.diskName
         let path = diskPath(name)

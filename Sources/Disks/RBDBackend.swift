@@ -81,7 +81,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
 
     // MARK: create
 
-    public func create(_ request: DiskRequest, image: GlanceImage, cache: ImageCache) async throws -> DiskInfo {
+    public func create(_ request: DiskRequest, image: GlanceImage, cache: ImageCache, source: any ImageSource) async throws -> DiskInfo {
         let started = ContinuousClock.now
         let io = try await pool()
         let name = request.diskName
@@ -96,7 +96,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
             return info
         }
 
-        let (base, built, written) = try await ensureBase(image, io: io, cache: cache)
+        let (base, built, written) = try await ensureBase(image, io: io, cache: cache, source: source)
         let snapshot = settings.snapshot
         var info = try await offload { () throws -> DiskInfo in
             let parent = try io.openImage(base, snapshot: snapshot)
@@ -170,7 +170,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
     }
 
     /// Returns the base's name once it is complete, building it if no other agent is: (name, built here, bytes written).
-    func ensureBase(_ image: GlanceImage, io: IOContext, cache: ImageCache) async throws -> (String, Bool, UInt64) {
+    func ensureBase(_ image: GlanceImage, io: IOContext, cache: ImageCache, source: any ImageSource) async throws -> (String, Bool, UInt64) {
         let base = baseName(image.id)
         let deadline = ContinuousClock.now + .seconds(settings.baseWait)
         var delay = 0.05
@@ -188,7 +188,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
                         try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
                         return (base, false, 0)
                     }
-                    let written = try await build(image, base: base, cookie: cookie, io: io, cache: cache)
+                    let written = try await build(image, base: base, cookie: cookie, io: io, cache: cache, source: source)
                     try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
                     stats.withLock { $0.basesBuilt += 1 }
                     return (base, true, written)
@@ -204,10 +204,11 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         }
     }
 
-    /// Builds the base under the lease: cache → inspect → convert into `<base>.part-<cookie>` → snapshot, protect
-    /// → rename. The lease is renewed every third of its duration; if a renewal fails the copy stops and the part
-    /// is removed.
-    func build(_ image: GlanceImage, base: String, cookie: String, io: IOContext, cache: ImageCache) async throws -> UInt64 {
+    /// Builds the base under the lease: the image is inspected and converted (or, raw and not cached, streamed
+    /// from Glance) into `<base>.part-<cookie>`, then snapshotted, protected and renamed. The lease is renewed
+    /// every third of its duration; if a renewal fails the copy stops and the part is removed.
+    func build(_ image: GlanceImage, base: String, cookie: String, io: IOContext, cache: ImageCache,
+               source: any ImageSource) async throws -> UInt64 {
         let started = ContinuousClock.now
         let object = leaseObject(image.id), seconds = settings.leaseSeconds, snapshot = settings.snapshot
         // Leftovers of builders that died: their leases are gone (we hold it now), so their parts are garbage.
@@ -217,11 +218,6 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
                 logger.warning("could not remove an abandoned partial base yet", metadata: ["image": "\(part)", "error": "\(error)"])
             }
         }
-
-        let cached = try await cache.acquire(image.id)
-        defer { Task { await cache.release(image.id) } }
-        guard let path = cached.path else { throw DiskError.io("image \(image.id) is cached without a file") }
-        let format = ImageFormat(rawValue: cached.storedFormat ?? cached.diskFormat) ?? .raw
 
         let lost = Atomic<Bool>(false)
         let renewer = Task {
@@ -236,18 +232,47 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
 
         let part = "\(base).part-\(cookie.prefix(8))"
         let order = settings.order
-        logger.info("building base", metadata: ["base": "\(io.pool)/\(base)", "from": "\(path)", "format": "\(format.rawValue)"])
-        let written = try await offload { () throws -> UInt64 in
-            let (verdict, opened) = ImageInspector.inspect(path: path, declared: format)
-            guard verdict.safe, let opened else {
-                throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description))
-            }
+        let written: UInt64
+        if image.diskFormat == "raw", try await cache.image(image.id)?.state != .ready, let size = image.virtualSize ?? image.size {
+            // Raw and not on this node: straight from Glance into Ceph, hashes verified on the way, no local copy.
+            logger.info("building base from Glance", metadata: ["base": "\(io.pool)/\(base)", "image": "\(image.id)"])
             let sink = RBDSink(io: io, name: part, order: order)
             do {
-                try Converter(cancel: { lost.load(ordering: .relaxed) }).convert(opened, to: sink)
-            } catch SinkError.cancelled {
-                throw DiskError.leaseLost("\(io.pool)/\(base)")
+                try await offload { try sink.begin(virtualSize: size) }
+                _ = try await source.download(image, into: RBDStreamSink(sink, stop: { lost.load(ordering: .relaxed) }),
+                                              throttled: false, progress: nil)
+                try await offload {
+                    try sink.finish()
+                    let (verdict, _) = ImageInspector.inspect(storage: try RBDStorage(io.openImage(part, readOnly: true)), declared: .raw)
+                    guard verdict.safe else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
+                }
+            } catch {
+                sink.abort()
+                if lost.load(ordering: .relaxed) { throw DiskError.leaseLost("\(io.pool)/\(base)") }
+                throw error
             }
+            written = sink.bytesWritten
+        } else {
+            let cached = try await cache.acquire(image.id)
+            defer { Task { await cache.release(image.id) } }
+            guard let path = cached.path else { throw DiskError.io("image \(image.id) is cached without a file") }
+            let format = ImageFormat(rawValue: cached.storedFormat ?? cached.diskFormat) ?? .raw
+            logger.info("building base", metadata: ["base": "\(io.pool)/\(base)", "from": "\(path)", "format": "\(format.rawValue)"])
+            written = try await offload { () throws -> UInt64 in
+                let (verdict, opened) = ImageInspector.inspect(path: path, declared: format)
+                guard verdict.safe, let opened else {
+                    throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description))
+                }
+                let sink = RBDSink(io: io, name: part, order: order)
+                do {
+                    try Converter(cancel: { lost.load(ordering: .relaxed) }).convert(opened, to: sink)
+                } catch SinkError.cancelled {
+                    throw DiskError.leaseLost("\(io.pool)/\(base)")
+                }
+                return sink.bytesWritten
+            }
+        }
+        try await offload {
             // Publish only while still holding the lease: a stalled builder whose lease expired must not.
             guard try io.lease(object: object, name: "build", cookie: cookie, description: "", seconds: seconds, renew: true) else {
                 try? Self.removeWithSnapshots(io, part)
@@ -265,14 +290,12 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
                 try? Self.removeWithSnapshots(io, part)
                 throw error
             }
-            return sink.bytesWritten
         }
         logger.info("base ready", metadata: ["base": "\(io.pool)/\(base)", "bytes_written": "\(written)",
                                              "seconds": "\(started.duration(to: .now).seconds)"])
         return written
     }
 
-    /// Unprotects and removes every snapshot, then the image.
     /// An image whose creator died inside `rbd_create` is listed but has no header (open: ENOENT);
     /// `rbd_remove` still cleans up what there is.
     static func removeWithSnapshots(_ io: IOContext, _ name: String) throws {

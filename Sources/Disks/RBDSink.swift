@@ -10,9 +10,10 @@ import Glibc
 /// writes of up to one object, and several writes are in flight at once; memory is bounded by
 /// `maxInFlight x objectSize` whatever the image size.
 ///
+/// One caller at a time (it may hand the sink from one thread to the next, never share it).
 /// `finish` flushes and closes; it does not snapshot or rename: the base builder does that once it knows it
 /// still holds the lease. `abort` removes the image.
-public final class RBDSink: ImageSink {
+public final class RBDSink: ImageSink, @unchecked Sendable {
     public let io: IOContext
     public let name: String
     public let unit: Int

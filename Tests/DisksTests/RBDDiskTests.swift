@@ -31,6 +31,8 @@ struct RBDDiskTests {
         // Only data went into Ceph: never a zero run.
         #expect(first.bytesWritten == nonZeroUnitBytes(expected))
         #expect(try exported(first.location, dir: dir) == expected)
+        // A raw image went straight from Glance into Ceph: no local copy, not even in the cache.
+        if format == "raw" { #expect(try await service.cache.image(id) == nil) }
 
         let second = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id))
         #expect(second.method == .baseReused)
@@ -84,6 +86,27 @@ struct RBDDiskTests {
         #expect(flat.parent == nil)
         try await backend.remove(big.name)
         _ = try await backend.collectGarbage(idleSeconds: 0)
+    }
+
+    /// A qcow2 registered as raw (CVE-2024-40767) is streamed into Ceph as raw, then refused by the inspection
+    /// before anything is published: no base, no part, no disk.
+    @Test func hostileRawIsRefusedBeforePublishing() async throws {
+        let dir = try temporaryDirectory("hostile")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let image = try await OpenStack.createImage(try sampleBytes("qcow2-v3.qcow2"), diskFormat: "raw", name: "disks-hostile")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let (service, backend) = try node(dir)
+        let instance = newInstance()
+        do {
+            _ = try await service.create(DiskRequest(instanceUUID: instance, imageID: id))
+            Issue.record("a qcow2 declared raw became a disk")
+        } catch let e as DiskError {
+            guard case .unsafe = e else { Issue.record("expected unsafe, got \(e)"); return }
+            #expect(e.description.contains("qcow2"), "\(e)")
+        }
+        let left = try await backend.pool().listImages().filter { $0.contains(id) || $0.hasPrefix(instance) }
+        #expect(left.isEmpty, "\(left)")
     }
 
     /// Three nodes (three caches, three Ceph clients) ask for the same new image at once: one builds, two clone.
