@@ -11,7 +11,7 @@
 # CEPH_PORT_RANGE ("41100 41200": OSD and mgr), CEPH_OSD_SIZE (bytes, default 20 GiB, sparse).
 #
 # After start, $IMGCONV_CEPH_DIR/env holds: CEPH_CONF, CEPH_FSID, CEPH_ADMIN_KEYRING, and the restricted user
-# the agent uses, as an operator would create it (`profile rbd` on the pools vms and images):
+# the agent uses, as an operator would create it (`profile rbd` on vms, `profile rbd-read-only` on images):
 # CEPH_USER=imgconv, CEPH_USER_KEYRING.
 set -euo pipefail
 DIR=${IMGCONV_CEPH_DIR:-/tmp/imgconv-ceph}
@@ -175,9 +175,10 @@ EOF
 
     for p in $POOLS; do ceph osd pool create "$p" 8 8 replicated >/dev/null 2>&1; done
     for p in $POOLS; do rbd pool init "$p"; done
-    # The agent's user, as in README "Ceph set-up": profile rbd on both pools (images: Glance's, read for clones).
+    # The agent's user, as in README "Ceph set-up": profile rbd on vms, read-only on Glance's images (clones of
+    # Glance's snapshots need no more: the child is registered in the child's pool).
     ceph auth get-or-create client.imgconv mon 'profile rbd' \
-        osd 'profile rbd pool=vms, profile rbd pool=images' mgr 'profile rbd pool=vms' \
+        osd 'profile rbd pool=vms, profile rbd-read-only pool=images' mgr 'profile rbd pool=vms' \
         -o "$DIR/ceph.client.imgconv.keyring"
     chmod 0644 "$DIR/ceph.client.imgconv.keyring"
     log "pools $POOLS ready"
