@@ -234,7 +234,11 @@ public enum ControlAPI {
         router.get("/metrics") { _, _ in
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4"
-            let text = await Metrics.render(cache: cache)
+            var text = await Metrics.render(cache: cache)
+            if let disks {
+                text += "# HELP imgconv_disks_total Boot-disk events by kind (clones by path, bases built, take-overs).\n# TYPE imgconv_disks_total counter\n"
+                for (name, value) in disks.backend.counters { text += "imgconv_disks_total{kind=\"\(name)\"} \(value)\n" }
+            }
             return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: text)))
         }
         return router

@@ -123,6 +123,12 @@ public protocol DiskBackend: Sendable {
     func flatten(_ name: String) async throws -> DiskInfo
     /// Removes bases with no children that have been unused for `idleSeconds`; returns their names.
     func collectGarbage(idleSeconds: Double) async throws -> [String]
+    /// Counters for /metrics: disks made by method, bases built, take-overs from dead builders.
+    var counters: [(name: String, value: Int)] { get }
+}
+
+extension DiskBackend {
+    public var counters: [(name: String, value: Int)] { [] }
 }
 
 /// The front door: checks the request, asks Glance about the image, and hands it to the backend.

@@ -55,6 +55,12 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         }
     }
 
+    public var counters: [(name: String, value: Int)] {
+        let s = stats.withLock { $0 }
+        return [("glance_clones", s.glanceClones), ("base_clones", s.baseClones), ("bases_built", s.basesBuilt),
+                ("takeovers", s.takeovers)]
+    }
+
     public init(settings: RBDSettings, logger: Logger = Logger(label: "imgconv.disks.rbd")) {
         self.settings = settings
         self.logger = logger

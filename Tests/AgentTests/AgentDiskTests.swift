@@ -65,6 +65,10 @@ struct AgentDiskTests {
         #expect(OpenStack.fileRequests(id) == 1)
         for (_, o) in answers { #expect(try exported(o["location"] as! String, dir) == raw) }
 
+        let metrics = try shell(["curl", "-s", "--unix-socket", agents[0].socket, "http://agent/metrics"]).out
+            + (try shell(["curl", "-s", "--unix-socket", agents[1].socket, "http://agent/metrics"]).out)
+            + (try shell(["curl", "-s", "--unix-socket", agents[2].socket, "http://agent/metrics"]).out)
+        #expect(metrics.components(separatedBy: "imgconv_disks_total{kind=\"bases_built\"} 1").count == 2, "\(metrics)")
         let (ls, listed) = try agents[1].request("GET", "/v1/disks")
         #expect(ls == 200)
         let names = ((listed as? [String: Any])?["disks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
