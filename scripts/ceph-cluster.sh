@@ -7,16 +7,18 @@
 #                                   remove its directory
 #   scripts/ceph-cluster.sh env     print the env file path
 #
-# Settings (environment): IMGCONV_CEPH_DIR (default /tmp/imgconv-ceph), CEPH_PORT (41000: mon msgr2; +1 msgr1),
-# CEPH_PORT_RANGE ("41100 41200": OSD and mgr), CEPH_OSD_SIZE (bytes, default 20 GiB, sparse).
+# Settings (environment): IMGCONV_CEPH_DIR (default /tmp/imgconv-ceph), CEPH_PORT (13300: mon msgr2; +1 msgr1),
+# CEPH_PORT_RANGE ("13400 13500": OSD and mgr), CEPH_OSD_SIZE (bytes, default 20 GiB, sparse). Keep the ports
+# below the kernel's ephemeral range (32768-60999): an outgoing connection can hold a port there, and the mon
+# then fails to bind it although nothing listens.
 #
 # After start, $IMGCONV_CEPH_DIR/env holds: CEPH_CONF, CEPH_FSID, CEPH_ADMIN_KEYRING, and the restricted user
 # the agent uses, as an operator would create it (`profile rbd` on vms, `profile rbd-read-only` on images):
 # CEPH_USER=imgconv, CEPH_USER_KEYRING.
 set -euo pipefail
 DIR=${IMGCONV_CEPH_DIR:-/tmp/imgconv-ceph}
-PORT=${CEPH_PORT:-41000}
-read -r PMIN PMAX <<<"${CEPH_PORT_RANGE:-41100 41200}"
+PORT=${CEPH_PORT:-13300}
+read -r PMIN PMAX <<<"${CEPH_PORT_RANGE:-13400 13500}"
 OSD_SIZE=${CEPH_OSD_SIZE:-21474836480}
 POOLS="vms images"
 IP=127.0.0.1
