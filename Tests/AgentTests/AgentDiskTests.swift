@@ -182,4 +182,31 @@ struct AgentDiskTests {
         #expect(try a.request("DELETE", "/v1/disks/\(instance)_disk").0 == 204)
         #expect(!FileManager.default.fileExists(atPath: path))
     }
+
+    /// `imgconv disk create|ls|flatten|rm` against a running agent, as an operator types them.
+    @Test func diskCommands() async throws {
+        let image = try await OpenStack.createImage(try [UInt8](Data(contentsOf: URL(fileURLWithPath: OpenStack.repository + "/samples/vdi-dynamic.vdi"))),
+                                                    diskFormat: "vdi", name: "agent-disks-cli")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let a = try rbdAgent()
+        defer { a.stop() }
+        let instance = UUID().uuidString.lowercased()
+        let create = try shell([imgconvBinary, "disk", "create", "--socket", a.socket, "--size", "8M", instance, id])
+        #expect(create.status == 0, "\(create.err)")
+        let info = try JSONSerialization.jsonObject(with: Data(create.out.utf8)) as? [String: Any] ?? [:]
+        #expect(info["name"] as? String == "\(instance)_disk" && info["size"] as? Int == 8 << 20)
+        let ls = try shell([imgconvBinary, "disk", "ls", "--socket", a.socket])
+        #expect(ls.status == 0 && ls.out.contains("\(instance)_disk") && ls.out.contains("vms/imgconv-base-\(id)@imgconv"), "\(ls.out)")
+        let flat = try shell([imgconvBinary, "disk", "flatten", "--socket", a.socket, "\(instance)_disk"])
+        #expect(flat.status == 0)
+        #expect((try JSONSerialization.jsonObject(with: Data(flat.out.utf8)) as? [String: Any])?["parent"] == nil)
+        #expect(try shell([imgconvBinary, "disk", "rm", "--socket", a.socket, "\(instance)_disk"]).status == 0)
+        let gone = try shell([imgconvBinary, "disk", "rm", "--socket", a.socket, "\(instance)_disk"])
+        #expect(gone.status != 0 && gone.err.contains("does not exist"), "\(gone.err)")
+        let bad = try shell([imgconvBinary, "disk", "create", "--socket", a.socket, "--size", "1k", UUID().uuidString, id])
+        #expect(bad.status != 0 && bad.err.contains("smaller than the image's virtual size"), "\(bad.err)")
+        let gc = try shell([imgconvBinary, "disk", "gc", "--socket", a.socket, "--idle", "0"])
+        #expect(gc.status == 0 && gc.out.contains("imgconv-base-\(id)"), "\(gc.out)")
+    }
 }
