@@ -102,20 +102,10 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
             return info
         }
 
-        let (base, built, written) = try await ensureBase(image, io: io, cache: cache, source: source)
+        let (base, built, written, virtualSize) = try await ensureBase(image, io: io, cache: cache, source: source)
         let snapshot = settings.snapshot
         var info = try await offload { () throws -> DiskInfo in
-            let parent = try io.openImage(base, snapshot: snapshot)
-            let virtualSize = try parent.stat().size
-            parent.close()
-            let size = request.size ?? virtualSize
-            guard size >= virtualSize else { throw DiskError.sizeTooSmall(requested: size, virtualSize: virtualSize) }
-            try io.clone(parent: base, snapshot: snapshot, into: io, name: name)
-            let disk = try io.openImage(name)
-            defer { disk.close() }
-            if size > virtualSize { try disk.resize(size) }
-            try disk.setMetadata("imgconv.image_id", image.id)
-            try? Self.touch(io, base)
+            let size = try Self.clone(io, base, snapshot, virtualSize: virtualSize, request: request, into: io)
             return DiskInfo(name: name, backend: "rbd", location: "\(io.pool)/\(name)", size: size,
                             parent: "\(io.pool)/\(base)@\(snapshot)", imageID: image.id,
                             method: built ? .baseBuilt : .baseReused, bytesWritten: written)
@@ -125,6 +115,26 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         logger.info("disk ready", metadata: ["disk": "\(info.location)", "method": "\(info.method!.rawValue)",
                                              "seconds": "\(info.seconds!)"])
         return info
+    }
+
+    /// Clones `source/parent@snapshot` into `<pool>/<instance>_disk` and grows it to the requested size: one
+    /// librbd call when no resize is needed (the clone is not even opened). Returns the disk's size.
+    static func clone(_ source: IOContext, _ parent: String, _ snapshot: String, virtualSize: UInt64, request: DiskRequest,
+                      into io: IOContext) throws -> UInt64 {
+        let size = request.size ?? virtualSize
+        guard size >= virtualSize else { throw DiskError.sizeTooSmall(requested: size, virtualSize: virtualSize) }
+        do {
+            try source.clone(parent: parent, snapshot: snapshot, into: io, name: request.diskName)
+        } catch {
+            if error.errno == EEXIST { throw DiskError.exists(request.diskName) }
+            throw error
+        }
+        if size > virtualSize {
+            let disk = try io.openImage(request.diskName)
+            defer { disk.close() }
+            try disk.resize(size)
+        }
+        return size
     }
 
     /// Glance's own copy of a raw image in this cluster, when there is one: `rbd://fsid/pool/image/snap`.
@@ -142,20 +152,15 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         let parent = try source.openImage(loc.image, snapshot: loc.snapshot)
         let virtualSize = try parent.stat().size
         parent.close()
-        let size = request.size ?? virtualSize
-        guard size >= virtualSize else { throw DiskError.sizeTooSmall(requested: size, virtualSize: virtualSize) }
-        try source.clone(parent: loc.image, snapshot: loc.snapshot, into: io, name: request.diskName)
-        let disk = try io.openImage(request.diskName)
-        defer { disk.close() }
-        if size > virtualSize { try disk.resize(size) }
-        try disk.setMetadata("imgconv.image_id", request.imageID)
+        let size = try clone(source, loc.image, loc.snapshot, virtualSize: virtualSize, request: request, into: io)
         logger.info("cloned Glance's rbd image", metadata: ["parent": "\(loc)", "disk": "\(io.pool)/\(request.diskName)"])
         return DiskInfo(name: request.diskName, backend: "rbd", location: "\(io.pool)/\(request.diskName)", size: size,
                         parent: "\(loc.pool)/\(loc.image)@\(loc.snapshot)", imageID: request.imageID, method: .glanceClone,
                         bytesWritten: 0)
     }
 
-    /// Records that a base was just used (GC counts idleness from the last clone or disk removal).
+    /// Records that a base was just used (GC counts idleness from its build or its last disk's removal; while it
+    /// has clones it is never idle).
     static func touch(_ io: IOContext, _ base: String) throws {
         let img = try io.openImage(base)
         defer { img.close() }
@@ -175,14 +180,15 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         }
     }
 
-    /// Returns the base's name once it is complete, building it if no other agent is: (name, built here, bytes written).
-    func ensureBase(_ image: GlanceImage, io: IOContext, cache: ImageCache, source: any ImageSource) async throws -> (String, Bool, UInt64) {
+    /// Returns the base's name once it is complete, building it if no other agent is: (name, built here, bytes
+    /// written, virtual size).
+    func ensureBase(_ image: GlanceImage, io: IOContext, cache: ImageCache, source: any ImageSource) async throws -> (String, Bool, UInt64, UInt64) {
         let base = baseName(image.id)
         let deadline = ContinuousClock.now + .seconds(settings.baseWait)
         var delay = 0.05
         var waited = false
         while true {
-            if try await offload({ try self.readyBase(io, base) }) != nil { return (base, false, 0) }
+            if let size = try await offload({ try self.readyBase(io, base) }) { return (base, false, 0, size) }
             let cookie = UUID().uuidString.lowercased()
             let object = leaseObject(image.id), seconds = settings.leaseSeconds
             let desc = "imgconv base build of \(image.id) on \(ProcessInfo.processInfo.hostName) pid \(getpid())"
@@ -190,14 +196,17 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
                 if waited { stats.withLock { $0.takeovers += 1 } }
                 do {
                     // Someone may have finished between our check and the lease.
-                    if try await offload({ try self.readyBase(io, base) }) != nil {
+                    if let size = try await offload({ try self.readyBase(io, base) }) {
                         try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
-                        return (base, false, 0)
+                        return (base, false, 0, size)
                     }
                     let written = try await build(image, base: base, cookie: cookie, io: io, cache: cache, source: source)
                     try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
                     stats.withLock { $0.basesBuilt += 1 }
-                    return (base, true, written)
+                    guard let size = try await offload({ try self.readyBase(io, base) }) else {
+                        throw DiskError.io("base \(io.pool)/\(base) vanished right after it was built")
+                    }
+                    return (base, true, written, size)
                 } catch {
                     try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
                     throw error
@@ -325,25 +334,36 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
 
     public func list() async throws -> [DiskInfo] {
         let io = try await pool()
+        let prefix = settings.basePrefix
         return try await offload {
             try io.listImages().filter { $0.hasSuffix("_disk") }.compactMap { name -> DiskInfo? in
-                do { return try Self.info(io, name) } catch let e as CephError where e.errno == ENOENT { return nil }
+                do { return try Self.info(io, name, basePrefix: prefix) } catch let e as CephError where e.errno == ENOENT { return nil }
             }
         }
     }
 
-    static func info(_ io: IOContext, _ name: String) throws -> DiskInfo {
+    /// The image id comes from the parent (a base's name, or Glance's image name), or, after a flatten, from the
+    /// metadata flatten leaves behind.
+    static func info(_ io: IOContext, _ name: String, basePrefix: String) throws -> DiskInfo {
         let img = try io.openImage(name, readOnly: true)
         defer { img.close() }
+        let parent = try img.parent()
+        let imageID: String?
+        if let p = parent {
+            imageID = p.image.hasPrefix(basePrefix) ? String(p.image.dropFirst(basePrefix.count)) : p.image
+        } else {
+            imageID = try img.metadata("imgconv.image_id")
+        }
         return DiskInfo(name: name, backend: "rbd", location: "\(io.pool)/\(name)", size: try img.stat().size,
-                        parent: try img.parent()?.description, imageID: try img.metadata("imgconv.image_id"))
+                        parent: parent?.description, imageID: imageID)
     }
 
     public func get(_ name: String) async throws -> DiskInfo {
         try DiskService.validateName(name)
         let io = try await pool()
+        let prefix = settings.basePrefix
         return try await offload {
-            do { return try Self.info(io, name) } catch let e as CephError where e.errno == ENOENT { throw DiskError.notFound(name) }
+            do { return try Self.info(io, name, basePrefix: prefix) } catch let e as CephError where e.errno == ENOENT { throw DiskError.notFound(name) }
         }
     }
 
@@ -370,12 +390,15 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
     public func flatten(_ name: String) async throws -> DiskInfo {
         try DiskService.validateName(name)
         let io = try await pool()
+        let prefix = settings.basePrefix
         return try await offload {
             do {
+                let before = try Self.info(io, name, basePrefix: prefix)
                 let img = try io.openImage(name)
+                if let id = before.imageID { try img.setMetadata("imgconv.image_id", id) }
                 try img.flatten()
                 img.close()
-                return try Self.info(io, name)
+                return try Self.info(io, name, basePrefix: prefix)
             } catch let e as CephError where e.errno == ENOENT {
                 throw DiskError.notFound(name)
             }

@@ -78,6 +78,9 @@ public final class RadosCluster: @unchecked Sendable {
             }
             // A library inside a daemon: no admin socket, no log file of its own unless ceph.conf asks.
             _ = rados_conf_set(h, "admin_socket", "")
+            // Writes are large, sequential and flushed before anything reads them: librbd's writeback cache
+            // (32 MiB per open image) would only copy them once more.
+            _ = rados_conf_set(h, "rbd_cache", "false")
             try check(rados_connect(h), "rados_connect(client.\(configuration.user), \(configuration.confPath ?? "default conf"))")
         } catch {
             rados_shutdown(h)
