@@ -267,9 +267,14 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
                 throw error
             }
             written = sink.bytesWritten
+        } else if try await cache.image(image.id)?.state != .ready, let size = image.size,
+                  let format = CacheError.declaredFormat(diskFormat: image.diskFormat, containerFormat: image.containerFormat) {
+            written = try await streamConvert(image, format: format, size: size, part: part, io: io, cache: cache,
+                                              source: source, stop: { lost.load(ordering: .relaxed) })
         } else {
             let cached = try await cache.acquire(image.id)
             defer { Task { await cache.release(image.id) } }
+            logger.info("image in cache", metadata: ["image": "\(image.id)", "seconds": "\(started.duration(to: .now).seconds)"])
             guard let path = cached.path else { throw DiskError.io("image \(image.id) is cached without a file") }
             let format = ImageFormat(rawValue: cached.storedFormat ?? cached.diskFormat) ?? .raw
             logger.info("building base", metadata: ["base": "\(io.pool)/\(base)", "from": "\(path)", "format": "\(format.rawValue)"])
@@ -309,6 +314,61 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         logger.info("base ready", metadata: ["base": "\(io.pool)/\(base)", "bytes_written": "\(written)",
                                              "seconds": "\(started.duration(to: .now).seconds)"])
         return written
+    }
+
+    /// Not on this node: the download goes to a private file next to the cache while the converter follows it
+    /// (`GrowingFileStorage`: reads wait for the bytes), streaming into the part as the data arrives. The format's
+    /// reader opens the declared format directly, bounds-checked as always; the full inspection (detection,
+    /// polyglots, structure) runs on the complete file once its hashes matched, and the part is published only
+    /// if it is clean. Nothing raw is ever stored locally.
+    func streamConvert(_ image: GlanceImage, format: ImageFormat, size: UInt64, part: String, io: IOContext,
+                       cache: ImageCache, source: any ImageSource, stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
+        let started = ContinuousClock.now
+        let file = try GrowingFile(path: "\(cache.config.directory)/.stream.imgconv-\(part.suffix(8))-\(getpid())", size: size)
+        defer { file.close() }
+        logger.info("building base while downloading", metadata: ["base": "\(io.pool)/\(part)", "format": "\(format.rawValue)"])
+        let download = Task {
+            do {
+                let r = try await source.download(image, into: file, throttled: false, progress: nil)
+                file.finish(failure: nil)
+                return r
+            } catch {
+                file.finish(failure: "\(error)")
+                throw error
+            }
+        }
+        let order = settings.order
+        do {
+            let written = try await offload { () throws -> UInt64 in
+                let storage = GrowingFileStorage(file)
+                let opened: any DiskImage
+                switch format {
+                case .raw: opened = RawImage(storage: storage)
+                case .qcow2: opened = try QCOW2Image(storage: storage)
+                case .vmdk: opened = try VMDKImage(storage: storage)
+                case .vpc: opened = try VPCImage(storage: storage)
+                case .vdi: opened = try VDIImage(storage: storage)
+                }
+                let sink = RBDSink(io: io, name: part, order: order)
+                do {
+                    try Converter(cancel: stop).convert(opened, to: sink)
+                } catch SinkError.cancelled {
+                    throw DiskError.leaseLost(part)
+                }
+                return sink.bytesWritten
+            }
+            _ = try await download.value
+            logger.info("downloaded and converted", metadata: ["image": "\(image.id)", "seconds": "\(started.duration(to: .now).seconds)"])
+            let (verdict, _) = try await offload { ImageInspector.inspect(path: file.path, declared: format) }
+            guard verdict.safe else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
+            return written
+        } catch {
+            download.cancel()
+            file.finish(failure: "cancelled")
+            _ = try? await download.value
+            try? await offload { try Self.removeWithSnapshots(io, part) }
+            throw error
+        }
     }
 
     /// An image whose creator died inside `rbd_create` is listed but has no header (open: ENOENT);

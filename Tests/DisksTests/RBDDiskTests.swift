@@ -109,6 +109,40 @@ struct RBDDiskTests {
         #expect(left.isEmpty, "\(left)")
     }
 
+    /// Hostile images on the path that converts while it downloads: the full inspection of the complete file
+    /// refuses them before anything is published, and the part is removed.
+    @Test(arguments: ["truncated", "polyglot"])
+    func hostileImagesAreRefusedWhileStreaming(kind: String) async throws {
+        let dir = try temporaryDirectory("hostile-stream")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var bytes = try sampleBytes("qcow2-v3.qcow2")
+        if kind == "truncated" {
+            // Its last clusters are cut off: L2 entries point past the end of the file. (Glance's own inspector
+            // already refuses a qcow2 with a backing file, so that case never reaches the agent.)
+            bytes.removeLast(128 << 10)
+        } else {
+            // A qcow2 with a VHD footer appended: two formats at once.
+            bytes += try sampleBytes("vpc-fixed.vhd").suffix(512)
+        }
+        let image = try await OpenStack.createImage(bytes, diskFormat: "qcow2", name: "disks-hostile-\(kind)")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let (service, backend) = try node(dir)
+        let instance = newInstance()
+        do {
+            _ = try await service.create(DiskRequest(instanceUUID: instance, imageID: id))
+            Issue.record("a hostile qcow2 (\(kind)) became a disk")
+        } catch {
+            let text = "\(error)"
+            #expect(kind == "polyglot" ? text.contains("multiple formats") : text.contains("past the end") || text.contains("end of"),
+                    "\(text)")
+        }
+        let left = try await backend.pool().listImages().filter { $0.contains(id) || $0.hasPrefix(instance) }
+        #expect(left.isEmpty, "\(left)")
+        let temporaries = (try? FileManager.default.contentsOfDirectory(atPath: dir + "/cache")) ?? []
+        #expect(!temporaries.contains { $0.hasPrefix(".stream") }, "\(temporaries)")
+    }
+
     /// Three nodes (three caches, three Ceph clients) ask for the same new image at once: one builds, two clone.
     @Test func clusterWideSingleFlight() async throws {
         let dir = try temporaryDirectory("flight")
