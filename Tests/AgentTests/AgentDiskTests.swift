@@ -179,8 +179,14 @@ struct AgentDiskTests {
         let cmp = try shell(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, dir + "/expected.raw"])
         #expect(cmp.status == 0, "\(cmp.out) \(cmp.err)")
         #expect(try a.request("POST", "/v1/disks", json: #"{"instance_uuid": "\#(instance)", "image_id": "\#(id)"}"#).0 == 409)
+        // The base stays while a disk uses it; once none does, GC removes it.
+        let (_, kept) = try a.request("POST", "/v1/bases/gc?idle=0")
+        #expect(((kept as? [String: Any])?["removed"] as? [String])?.isEmpty == true)
         #expect(try a.request("DELETE", "/v1/disks/\(instance)_disk").0 == 204)
         #expect(!FileManager.default.fileExists(atPath: path))
+        let (_, removed) = try a.request("POST", "/v1/bases/gc?idle=0")
+        #expect((removed as? [String: Any])?["removed"] as? [String] == [id])
+        #expect(!FileManager.default.fileExists(atPath: a.dir + "/state/instances/_base/\(id)"))
     }
 
     /// `imgconv disk create|ls|flatten|rm` against a running agent, as an operator types them.
