@@ -193,13 +193,14 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
             let object = leaseObject(image.id), seconds = settings.leaseSeconds
             let desc = "imgconv base build of \(image.id) on \(ProcessInfo.processInfo.hostName) pid \(getpid())"
             if try await offload({ try io.lease(object: object, name: "build", cookie: cookie, description: desc, seconds: seconds, renew: false) }) {
-                if waited { stats.withLock { $0.takeovers += 1 } }
                 do {
                     // Someone may have finished between our check and the lease.
                     if let size = try await offload({ try self.readyBase(io, base) }) {
                         try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
                         return (base, false, 0, size)
                     }
+                    // Waited for another builder, and its base never appeared: it died, and this agent takes over.
+                    if waited { stats.withLock { $0.takeovers += 1 } }
                     let written = try await build(image, base: base, cookie: cookie, io: io, cache: cache, source: source)
                     try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
                     stats.withLock { $0.basesBuilt += 1 }

@@ -160,6 +160,7 @@ struct RBDDiskTests {
         #expect(disks.filter { $0.method == .baseBuilt }.count == 1)
         #expect(disks.filter { $0.method == .baseReused }.count == 2)
         #expect(nodes.map { $0.1.stats.withLock { $0.basesBuilt } }.reduce(0, +) == 1)
+        #expect(nodes.map { $0.1.stats.withLock { $0.takeovers } }.reduce(0, +) == 0)
         let expected = try expectedRaw("qcow2-zlib.qcow2", format: "qcow2", dir: dir)
         for d in disks { #expect(try exported(d.location, dir: dir) == expected) }
         for d in disks { try await nodes[0].1.remove(d.name) }
