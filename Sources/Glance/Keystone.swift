@@ -85,12 +85,19 @@ public actor KeystoneAuth {
         req.headers.add(name: "Content-Type", value: "application/json")
         req.headers.add(name: "User-Agent", value: "imgconv-agent")
         req.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body())))
-        let response: HTTPClientResponse
-        do {
-            response = try await http.execute(req, timeout: .seconds(30))
-        } catch {
-            throw GlanceError.transport(url: url, attempts: 1, detail: "\(error)")
+        // Issuing a token is safe to repeat: one retry covers a pooled keep-alive connection the server had
+        // closed (gunicorn resets idle ones), which is not a reason to fail a fetch.
+        var response: HTTPClientResponse?
+        for attempt in 1...2 {
+            do {
+                response = try await http.execute(req, timeout: .seconds(30))
+                break
+            } catch {
+                if attempt == 2 { throw GlanceError.transport(url: url, attempts: attempt, detail: "\(error)") }
+                try await Task.sleep(nanoseconds: 200_000_000)
+            }
         }
+        guard let response else { throw GlanceError.transport(url: url, attempts: 2, detail: "no response") }
         let data = try await response.body.collect(upTo: 16 << 20)
         guard response.status == .created || response.status == .ok else {
             throw GlanceError.authentication(status: Int(response.status.code),
