@@ -231,6 +231,15 @@ public struct Converter: Sendable {
         return stats
     }
 
+    /// Stores one buffer of a stream (a download) at `offset` exactly as the converter stores a window: cut into
+    /// the sink's units, zero units skipped, runs of non-zero units encoded and written. Returns the bytes written.
+    @discardableResult
+    public static func writeWindow(_ data: UnsafeRawBufferPointer, at offset: UInt64, to sink: any ImageSink) throws -> UInt64 {
+        let r = try encodeWindow(data, at: offset, unit: sink.unit, sink: sink)
+        for run in r.runs { try sink.write(run) }
+        return r.written
+    }
+
     /// Splits a window into runs of non-zero units and encodes each.
     static func encodeWindow(_ data: UnsafeRawBufferPointer, at offset: UInt64, unit: Int,
                              sink: any ImageSink, keepZeros: Bool = false) throws -> WindowResult {

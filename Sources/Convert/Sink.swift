@@ -125,7 +125,7 @@ public final class OutputFile {
         throw SinkError.io(operation: "create a temporary file for", path: path, errno: EEXIST)
     }
 
-    var currentPath: String { temporaryPath ?? path }
+    public var currentPath: String { temporaryPath ?? path }
 
     /// Bytes written, and the range they fell in, since write-back was last started.
     private var unflushed = 0

@@ -84,6 +84,8 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
 
     func baseName(_ imageID: String) -> String { settings.basePrefix + imageID.lowercased() }
     func leaseObject(_ imageID: String) -> String { "imgconv-lease.\(imageID.lowercased())" }
+    /// The cls lock on the lease object that builders (and GC) hold.
+    static let leaseName = "build"
 
     // MARK: create
 
@@ -192,24 +194,24 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
             let cookie = UUID().uuidString.lowercased()
             let object = leaseObject(image.id), seconds = settings.leaseSeconds
             let desc = "imgconv base build of \(image.id) on \(ProcessInfo.processInfo.hostName) pid \(getpid())"
-            if try await offload({ try io.lease(object: object, name: "build", cookie: cookie, description: desc, seconds: seconds, renew: false) }) {
+            if try await offload({ try io.lease(object: object, name: Self.leaseName, cookie: cookie, description: desc, seconds: seconds, renew: false) }) {
                 do {
                     // Someone may have finished between our check and the lease.
                     if let size = try await offload({ try self.readyBase(io, base) }) {
-                        try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
+                        try? await offload { try io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
                         return (base, false, 0, size)
                     }
                     // Waited for another builder, and its base never appeared: it died, and this agent takes over.
                     if waited { stats.withLock { $0.takeovers += 1 } }
                     let written = try await build(image, base: base, cookie: cookie, io: io, cache: cache, source: source)
-                    try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
+                    try? await offload { try io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
                     stats.withLock { $0.basesBuilt += 1 }
                     guard let size = try await offload({ try self.readyBase(io, base) }) else {
                         throw DiskError.io("base \(io.pool)/\(base) vanished right after it was built")
                     }
                     return (base, true, written, size)
                 } catch {
-                    try? await offload { try io.releaseLease(object: object, name: "build", cookie: cookie) }
+                    try? await offload { try io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
                     throw error
                 }
             }
@@ -240,7 +242,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
             while !Task.isCancelled {
                 try? await Task.sleep(for: .seconds(Double(seconds) / 3))
                 if Task.isCancelled { return }
-                let held = (try? await offload { try io.lease(object: object, name: "build", cookie: cookie, description: "", seconds: seconds, renew: true) }) ?? false
+                let held = (try? await offload { try io.lease(object: object, name: Self.leaseName, cookie: cookie, description: "", seconds: seconds, renew: true) }) ?? false
                 if !held { lost.store(true, ordering: .relaxed); return }
             }
         }
@@ -295,7 +297,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         }
         try await offload {
             // Publish only while still holding the lease: a stalled builder whose lease expired must not.
-            guard try io.lease(object: object, name: "build", cookie: cookie, description: "", seconds: seconds, renew: true) else {
+            guard try io.lease(object: object, name: Self.leaseName, cookie: cookie, description: "", seconds: seconds, renew: true) else {
                 try? Self.removeWithSnapshots(io, part)
                 throw DiskError.leaseLost("\(io.pool)/\(base)")
             }
@@ -325,7 +327,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
     func streamConvert(_ image: GlanceImage, format: ImageFormat, size: UInt64, part: String, io: IOContext,
                        cache: ImageCache, source: any ImageSource, stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
         let started = ContinuousClock.now
-        let file = try GrowingFile(path: "\(cache.config.directory)/.stream.imgconv-\(part.suffix(8))-\(getpid())", size: size)
+        let file = try GrowingFile(path: "\(cache.config.directory)/stream-\(part.suffix(8))", size: size)
         defer { file.close() }
         logger.info("building base while downloading", metadata: ["base": "\(io.pool)/\(part)", "format": "\(format.rawValue)"])
         let download = Task {
@@ -478,11 +480,11 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
             for name in try io.listImages() where name.hasPrefix(prefix) {
                 let isPart = name.contains(".part-")
                 let imageID = String(name.dropFirst(prefix.count).prefix(36))
-                let object = "imgconv-lease.\(imageID)"
+                let object = self.leaseObject(imageID)
                 // Never touch a base while a builder holds its lease.
                 let cookie = "gc-" + UUID().uuidString.lowercased()
-                guard (try? io.lease(object: object, name: "build", cookie: cookie, description: "imgconv gc", seconds: seconds, renew: false)) == true else { continue }
-                defer { try? io.releaseLease(object: object, name: "build", cookie: cookie) }
+                guard (try? io.lease(object: object, name: Self.leaseName, cookie: cookie, description: "imgconv gc", seconds: seconds, renew: false)) == true else { continue }
+                defer { try? io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
                 do {
                     if !isPart {
                         let atSnap = try io.openImage(name, snapshot: snapshot)

@@ -21,36 +21,7 @@ final class RBDStreamSink: DownloadSink, @unchecked Sendable {
 
     func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
         if stop() { throw SinkError.cancelled }
-        let unit = sink.unit
-        var runStart: Int?
-        var pos = 0
-        while pos < bytes.count {
-            let end = min(pos + unit, bytes.count)
-            let zero = isZero(UnsafeRawBufferPointer(rebasing: bytes[pos..<end]))
-            if !zero && runStart == nil { runStart = pos }
-            if zero, let s = runStart {
-                try sink.write(EncodedRun(offset: offset + UInt64(s), data: UnsafeRawBufferPointer(rebasing: bytes[s..<pos])))
-                runStart = nil
-            }
-            pos = end
-        }
-        if let s = runStart {
-            try sink.write(EncodedRun(offset: offset + UInt64(s), data: UnsafeRawBufferPointer(rebasing: bytes[s..<bytes.count])))
-        }
-    }
-
-    func isZero(_ b: UnsafeRawBufferPointer) -> Bool {
-        var i = 0
-        let n = b.count
-        while i + 8 <= n {
-            if b.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
-            i += 8
-        }
-        while i < n {
-            if b[i] != 0 { return false }
-            i += 1
-        }
-        return true
+        try Converter.writeWindow(bytes, at: offset, to: sink)
     }
 }
 
@@ -84,29 +55,31 @@ final class RBDStorage: ImageStorage, @unchecked Sendable {
 /// of waiting for it. Reads of bytes not yet written wait; a failed download fails them. The file is removed on
 /// `close`.
 final class GrowingFile: DownloadSink, @unchecked Sendable {
-    let path: String
     let size: UInt64
-    private let fd: Int32
+    /// Written as every download is (a temporary name start-up removes), not fsynced: it never outlives us.
+    private let out: OutputFile
+    private let readFD: Int32
     private struct State { var written: UInt64 = 0; var failure: String?; var done = false }
     private let state = Mutex(State())
 
+    /// A temporary file next to `path` (`.<name>.imgconv-…`).
     init(path: String, size: UInt64) throws {
-        fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        if fd < 0 { throw DiskError.io("cannot create '\(path)': \(String(cString: strerror(errno)))") }
-        self.path = path
+        out = OutputFile(path: path)
+        out.durable = false
+        try out.create()
+        readFD = open(out.currentPath, O_RDONLY | O_CLOEXEC)
+        if readFD < 0 {
+            let e = errno
+            out.discard()
+            throw SinkError.io(operation: "open", path: path, errno: e)
+        }
         self.size = size
     }
 
+    var path: String { out.currentPath }
+
     func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        var done = 0
-        while done < bytes.count {
-            let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw SinkError.io(operation: "write", path: path, errno: errno)
-            }
-            done += n
-        }
+        try out.pwriteAll(bytes, at: offset)
         let end = offset + UInt64(bytes.count)
         state.withLock { $0.written = max($0.written, end) }
     }
@@ -130,22 +103,13 @@ final class GrowingFile: DownloadSink, @unchecked Sendable {
         }
     }
 
-    func pread(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        var done = 0
-        while done < buffer.count {
-            let n = Glibc.pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw ImageError.io(operation: "read", path: path, errno: errno)
-            }
-            if n == 0 { throw ImageError.pastEndOfFile(what: "data", offset: offset, length: UInt64(buffer.count), fileSize: size) }
-            done += n
-        }
+    func pread(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, what: String) throws {
+        try FileStorage.preadAll(readFD, into: buffer, at: offset, path: path, what: what, size: size)
     }
 
     func close() {
-        Glibc.close(fd)
-        unlink(path)
+        Glibc.close(readFD)
+        out.discard()
     }
 }
 
@@ -163,6 +127,6 @@ final class GrowingFileStorage: ImageStorage, @unchecked Sendable {
             throw ImageError.pastEndOfFile(what: what, offset: offset, length: UInt64(buffer.count), fileSize: size)
         }
         try file.wait(for: offset + UInt64(buffer.count))
-        try file.pread(into: buffer, at: offset)
+        try file.pread(into: buffer, at: offset, what: what)
     }
 }

@@ -79,6 +79,13 @@ public final class FileStorage: ImageStorage {
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, what: String) throws {
         try checkRange(offset: offset, length: UInt64(buffer.count), what: what)
+        try Self.preadAll(fd, into: buffer, at: offset, path: path, what: what, size: size)
+    }
+
+    /// Fills `buffer` from `fd` at `offset`, retrying short reads and EINTR; end of file is `pastEndOfFile`
+    /// (the file shrank under us, or the bytes are not there).
+    public static func preadAll(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, path: String,
+                                what: String, size: UInt64) throws {
         var done = 0
         while done < buffer.count {
             let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset + UInt64(done)))
@@ -86,7 +93,7 @@ public final class FileStorage: ImageStorage {
                 if errno == EINTR { continue }
                 throw ImageError.io(operation: "read", path: path, errno: errno)
             }
-            if n == 0 {  // the file shrank under us
+            if n == 0 {
                 throw ImageError.pastEndOfFile(what: what, offset: offset, length: UInt64(buffer.count), fileSize: size)
             }
             done += n

@@ -35,19 +35,26 @@ public enum Ceph {
                           keyring: env["CEPH_USER_KEYRING"], timeout: 10)
     }
 
-    /// Runs the rbd CLI as admin (test oracle only); returns stdout.
+    /// Runs a test oracle (rbd, qemu-img) to completion: its exit status and stdout.
     @discardableResult
-    public static func rbd(_ args: [String]) throws -> Data {
+    public static func run(_ tool: String, _ args: [String]) throws -> (status: Int32, out: Data) {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/rbd")
-        p.arguments = ["-c", confPath, "--id", "admin", "--keyring", env["CEPH_ADMIN_KEYRING"]!] + args
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = [tool] + args
         let out = Pipe()
         p.standardOutput = out
         p.standardError = FileHandle.nullDevice
         try p.run()
         let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
-        guard p.terminationStatus == 0 else { throw CocoaError(.executableLoad, userInfo: ["rbd": args.joined(separator: " ")]) }
+        return (p.terminationStatus, data)
+    }
+
+    /// Runs the rbd CLI as admin (test oracle only); returns stdout.
+    @discardableResult
+    public static func rbd(_ args: [String]) throws -> Data {
+        let (status, data) = try run("rbd", ["-c", confPath, "--id", "admin", "--keyring", env["CEPH_ADMIN_KEYRING"]!] + args)
+        guard status == 0 else { throw CocoaError(.executableLoad, userInfo: ["rbd": args.joined(separator: " ")]) }
         return data
     }
 

@@ -18,7 +18,7 @@ struct RBDDiskTests {
         let dir = try temporaryDirectory("base")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let glanceFormat = format == "vpc" ? "vhd" : format
-        let image = try await OpenStack.createImage(try sampleBytes(sample), diskFormat: glanceFormat, name: "disks-\(sample)")
+        let image = try await upload(sample, diskFormat: glanceFormat, name: "disks-\(sample)")
         let id = image["id"] as! String
         defer { Task { await OpenStack.deleteImage(id) } }
         let (service, backend) = try node(dir)
@@ -59,7 +59,7 @@ struct RBDDiskTests {
     @Test func sizesAndNames() async throws {
         let dir = try temporaryDirectory("sizes")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let image = try await OpenStack.createImage(try sampleBytes("qcow2-v3.qcow2"), diskFormat: "qcow2", name: "disks-sizes")
+        let image = try await upload("qcow2-v3.qcow2", diskFormat: "qcow2", name: "disks-sizes")
         let id = image["id"] as! String
         defer { Task { await OpenStack.deleteImage(id) } }
         let (service, backend) = try node(dir)
@@ -93,7 +93,7 @@ struct RBDDiskTests {
     @Test func hostileRawIsRefusedBeforePublishing() async throws {
         let dir = try temporaryDirectory("hostile")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let image = try await OpenStack.createImage(try sampleBytes("qcow2-v3.qcow2"), diskFormat: "raw", name: "disks-hostile")
+        let image = try await upload("qcow2-v3.qcow2", diskFormat: "raw", name: "disks-hostile")
         let id = image["id"] as! String
         defer { Task { await OpenStack.deleteImage(id) } }
         let (service, backend) = try node(dir)
@@ -105,7 +105,7 @@ struct RBDDiskTests {
             guard case .unsafe = e else { Issue.record("expected unsafe, got \(e)"); return }
             #expect(e.description.contains("qcow2"), "\(e)")
         }
-        let left = try await backend.pool().listImages().filter { $0.contains(id) || $0.hasPrefix(instance) }
+        let left = try await leftovers(backend, image: id, instance: instance)
         #expect(left.isEmpty, "\(left)")
     }
 
@@ -137,7 +137,7 @@ struct RBDDiskTests {
             #expect(kind == "polyglot" ? text.contains("multiple formats") : text.contains("past the end") || text.contains("end of"),
                     "\(text)")
         }
-        let left = try await backend.pool().listImages().filter { $0.contains(id) || $0.hasPrefix(instance) }
+        let left = try await leftovers(backend, image: id, instance: instance)
         #expect(left.isEmpty, "\(left)")
         let temporaries = (try? FileManager.default.contentsOfDirectory(atPath: dir + "/cache")) ?? []
         #expect(!temporaries.contains { $0.hasPrefix(".stream") }, "\(temporaries)")
@@ -147,7 +147,7 @@ struct RBDDiskTests {
     @Test func clusterWideSingleFlight() async throws {
         let dir = try temporaryDirectory("flight")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let image = try await OpenStack.createImage(try sampleBytes("qcow2-zlib.qcow2"), diskFormat: "qcow2", name: "disks-flight")
+        let image = try await upload("qcow2-zlib.qcow2", diskFormat: "qcow2", name: "disks-flight")
         let id = image["id"] as! String
         defer { Task { await OpenStack.deleteImage(id) } }
         let nodes = try (0..<3).map { try node(dir + "/node\($0)") }
@@ -173,7 +173,7 @@ struct RBDDiskTests {
     @Test func takesOverFromADeadBuilder() async throws {
         let dir = try temporaryDirectory("takeover")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let image = try await OpenStack.createImage(try sampleBytes("vdi-dynamic.vdi"), diskFormat: "vdi", name: "disks-takeover")
+        let image = try await upload("vdi-dynamic.vdi", diskFormat: "vdi", name: "disks-takeover")
         let id = image["id"] as! String
         defer { Task { await OpenStack.deleteImage(id) } }
 
@@ -226,7 +226,7 @@ struct RBDDiskTests {
         #expect(backend.stats.withLock { $0.glanceClones } == 1)
 
         // A qcow2 kept in Ceph cannot be cloned as a disk: it takes the base path instead.
-        let q = try await OpenStack.createImage(try sampleBytes("qcow2-zlib.qcow2"), diskFormat: "qcow2", name: "disks-rbd-qcow2", store: store)
+        let q = try await upload("qcow2-zlib.qcow2", diskFormat: "qcow2", name: "disks-rbd-qcow2", store: store)
         let qid = q["id"] as! String
         defer { Task { await OpenStack.deleteImage(qid) } }
         let qdisk = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: qid))

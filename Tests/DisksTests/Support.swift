@@ -34,25 +34,10 @@ func node(_ dir: String, leaseSeconds: Int = 30) throws -> (DiskService, RBDBack
     return (DiskService(backend: backend, source: source, cache: cache), backend)
 }
 
-/// Runs a program; returns its exit status and stdout.
-@discardableResult
-func run(_ tool: String, _ args: [String]) throws -> (Int32, String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = [tool] + args
-    let out = Pipe()
-    p.standardOutput = out
-    p.standardError = FileHandle.nullDevice
-    try p.run()
-    let data = out.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
-}
-
 /// The raw bytes of an image as the oracle (qemu-img) reads them.
 func expectedRaw(_ sample: String, format: String, dir: String) throws -> Data {
     let out = dir + "/expected-\(UUID().uuidString.prefix(6)).raw"
-    let (rc, _) = try run("qemu-img", ["convert", "-f", format, "-O", "raw", "\(repository)/samples/\(sample)", out])
+    let (rc, _) = try Ceph.run("qemu-img", ["convert", "-f", format, "-O", "raw", "\(repository)/samples/\(sample)", out])
     guard rc == 0 else { throw OpenStack.FixtureError("qemu-img convert \(sample) failed") }
     defer { try? FileManager.default.removeItem(atPath: out) }
     return try Data(contentsOf: URL(fileURLWithPath: out))
@@ -78,6 +63,16 @@ func nonZeroUnitBytes(_ d: Data) -> UInt64 {
         }
     }
     return n
+}
+
+/// Uploads a sample to the fixture's Glance as `diskFormat` (into `store` if given); returns the image record.
+func upload(_ sample: String, diskFormat: String, name: String, store: String? = nil) async throws -> [String: Any] {
+    try await OpenStack.createImage(try sampleBytes(sample), diskFormat: diskFormat, name: name, store: store)
+}
+
+/// What is left in the pool of an image's base (and its parts) and of an instance's disk.
+func leftovers(_ backend: RBDBackend, image id: String, instance: String) async throws -> [String] {
+    try await backend.pool().listImages().filter { $0.contains(id) || $0.hasPrefix(instance) }
 }
 
 func sampleBytes(_ name: String) throws -> [UInt8] {
