@@ -333,16 +333,17 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         let download = Task {
             do {
                 let r = try await source.download(image, into: file, throttled: false, progress: nil)
-                file.finish(failure: nil)
+                try file.finish(failure: nil)
                 return r
             } catch {
-                file.finish(failure: "\(error)")
+                try? file.finish(failure: "\(error)")
                 throw error
             }
         }
         let order = settings.order
         do {
             let written = try await offload { () throws -> UInt64 in
+                defer { file.stopFollowing() }
                 let storage = GrowingFileStorage(file)
                 let opened: any DiskImage
                 switch format {
@@ -367,7 +368,8 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
             return written
         } catch {
             download.cancel()
-            file.finish(failure: "cancelled")
+            file.stopFollowing()
+            try? file.finish(failure: "cancelled")
             _ = try? await download.value
             try? await offload { try Self.removeWithSnapshots(io, part) }
             throw error

@@ -81,6 +81,9 @@ public final class RadosCluster: @unchecked Sendable {
             // Writes are large, sequential and flushed before anything reads them: librbd's writeback cache
             // (32 MiB per open image) would only copy them once more.
             _ = rados_conf_set(h, "rbd_cache", "false")
+            // Every aio write's buffer stays untouched until its completion has been waited for (`RBDImage.aioWrite`
+            // says so), so librbd may send it as it is instead of copying each 4 MiB object first.
+            _ = rados_conf_set(h, "rbd_disable_zero_copy_writes", "false")
             try check(rados_connect(h), "rados_connect(client.\(configuration.user), \(configuration.confPath ?? "default conf"))")
         } catch {
             rados_shutdown(h)

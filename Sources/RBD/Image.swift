@@ -75,8 +75,8 @@ public final class RBDImage: @unchecked Sendable {
         return n
     }
 
-    /// Starts an asynchronous write of `buffer` at `offset`. The buffer must stay valid until the returned
-    /// completion has been waited for.
+    /// Starts an asynchronous write of `buffer` at `offset`. The buffer must stay valid and unchanged until the
+    /// returned completion has been waited for: the cluster handle lets librbd send it without a copy.
     public func aioWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(CephError) -> Completion {
         let c = try Completion(operation: "rbd_aio_write(\(spec), \(offset), \(buffer.count))")
         let r = rbd_aio_write(try h(), offset, buffer.count, buffer.baseAddress?.assumingMemoryBound(to: CChar.self), c.handle)

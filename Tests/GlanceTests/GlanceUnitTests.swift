@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import Foundation
 import Testing
 @testable import Glance
@@ -19,6 +20,20 @@ struct GlanceUnitTests {
             #expect(d.hex() == want, "\(algo)")
         }
         #expect(ImageDigest(algorithm: "crc32") == nil)
+    }
+
+    @Test func verifiesTheMultihashAndMD5OnlyWithoutIt() throws {
+        let glance = GlanceClient(http: HTTPClient.shared, endpoint: GlanceEndpoint(apiServers: ["http://127.0.0.1:1"], auth: nil))
+        func expected(_ image: GlanceImage, verify: Bool = true) throws -> [String] {
+            try VerifiedDownload(client: glance, image: image, verify: verify).expectations().map { "\($0.0)=\($0.1 ?? "-")" }
+        }
+        let both = GlanceImage(id: "i", checksum: "AB", osHashAlgo: "SHA512", osHashValue: "CD")
+        #expect(try expected(both) == ["sha512=cd"])
+        #expect(try expected(GlanceImage(id: "i", checksum: "AB")) == ["md5=ab"])
+        #expect(try expected(GlanceImage(id: "i", checksum: "ab", osHashAlgo: "sha512", osHashValue: "")) == ["md5=ab"])
+        #expect(try expected(both, verify: false) == ["sha512=-"])
+        #expect(throws: GlanceError.self) { try expected(GlanceImage(id: "i")) }
+        #expect(throws: GlanceError.self) { try expected(GlanceImage(id: "i", checksum: "ab", osHashAlgo: "whirlpool", osHashValue: "cd")) }
     }
 
     @Test func parsesAnImageRecord() throws {
