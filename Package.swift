@@ -34,6 +34,8 @@ let package = Package(
         .systemLibrary(name: "CDeflate", path: "Sources/CDeflate"),
         // librados + librbd (Debian librados-dev, librbd-dev): linked by name, they ship no pkg-config file.
         .systemLibrary(name: "CCeph", path: "Sources/CCeph"),
+        // The system libcrypto (Debian libssl-dev), for image digests only.
+        .systemLibrary(name: "CLibCrypto", path: "Sources/CLibCrypto"),
         .target(
             name: "ImageFormats",
             dependencies: ["CZlib", "CZstd", "CDeflate"],
@@ -49,8 +51,8 @@ let package = Package(
         .target(
             name: "Glance",
             dependencies: [
+                "CLibCrypto",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
-                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -113,7 +115,7 @@ let package = Package(
             dependencies: [.product(name: "AsyncHTTPClient", package: "async-http-client")],
             path: "Tests/OpenStackFixture"
         ),
-        .testTarget(name: "GlanceTests", dependencies: ["Glance", "OpenStackFixture"]),
+        .testTarget(name: "GlanceTests", dependencies: ["Glance", "OpenStackFixture", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "CacheTests", dependencies: ["Cache", "Glance", "ImageFormats"]),
         .target(name: "CephFixture", dependencies: ["RBD"], path: "Tests/CephFixture"),
         .testTarget(name: "RBDTests", dependencies: ["RBD", "CephFixture"]),

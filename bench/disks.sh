@@ -5,7 +5,7 @@
 #     inspects it and streams the conversion into a new shared base (cache and base emptied before each run)
 #   - base path, second instance: the base exists; only a clone
 #   - Nova's non-clone path on the same qcow2: download to a file, `qemu-img convert -O raw`, `rbd import`
-# Medians (and p50 for the clone paths) of N runs (default 5). Needs scripts/ceph-cluster.sh and the Glance
+# Medians (and p50 for the clone paths) of N runs (default 5) after one uncounted warm-up round. Needs scripts/ceph-cluster.sh and the Glance
 # fixture started with IMGCONV_CEPH_ENV (both started here if not running).
 # Usage: bench/disks.sh [runs] [qcow2 image (default: the 1 GiB mixed zlib qcow2 of bench/make-corpus.sh)]
 set -euo pipefail
@@ -91,18 +91,22 @@ create() {  # image -> "wall seconds" "disk name" "method"
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 clone=() first=() second=() nova=() nova2=()
-for i in $(seq "$runs"); do
+record() { local -n into=$1; [ "$i" -gt 0 ] && into+=("$2"); return 0; }
+# Round 0 warms both sides up and is not counted: the agent's first request issues a Keystone token, and on this
+# VM the first runs of Nova's path touch cold memory (page cache costs several times more on pages the balloon
+# driver reported free).
+for i in $(seq 0 "$runs"); do
     # Nova: download, convert to raw, import (what nova-compute does for a qcow2 image with images_type = rbd).
     sync
     t0=$(date +%s.%N)
     curl -sf -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$qid/file" -o "$work/nova.part"
     qemu-img convert -f qcow2 -O raw "$work/nova.part" "$work/nova.raw"
     "${RBD[@]}" import --no-progress --image-format 2 "$work/nova.raw" "vms/bench-nova-$i" >/dev/null
-    nova+=("$(echo "$(date +%s.%N) - $t0" | bc)")
+    record nova "$(echo "$(date +%s.%N) - $t0" | bc)"
     # Nova, second instance of the same image: _base is cached, but every instance is a full rbd import.
     t0=$(date +%s.%N)
     "${RBD[@]}" import --no-progress --image-format 2 "$work/nova.raw" "vms/bench-nova-$i-2" >/dev/null
-    nova2+=("$(echo "$(date +%s.%N) - $t0" | bc)")
+    record nova2 "$(echo "$(date +%s.%N) - $t0" | bc)"
     rm -f "$work/nova.part" "$work/nova.raw"
     "${RBD[@]}" rm --no-progress "vms/bench-nova-$i" >/dev/null
     "${RBD[@]}" rm --no-progress "vms/bench-nova-$i-2" >/dev/null
@@ -112,10 +116,10 @@ for i in $(seq "$runs"); do
     sync
     read -r t name method < <(create "$qid")
     [ "$method" = base-built ] || { echo "expected base-built, got $method" >&2; exit 1; }
-    first+=("$t")
+    record first "$t"
     read -r t name2 method < <(create "$qid")
     [ "$method" = base-reused ] || { echo "expected base-reused, got $method" >&2; exit 1; }
-    second+=("$t")
+    record second "$t"
     for n in "$name" "$name2"; do api -X DELETE "http://a/v1/disks/$n" >/dev/null; done
     api -X POST "http://a/v1/bases/gc?idle=0" >/dev/null
 done
@@ -136,4 +140,6 @@ printf '| first: Nova downloads, qemu-img convert -O raw, rbd import; imgconv do
 printf '| second: Nova rbd import of its cached raw; imgconv clones the base | %s | %s | %.0fx |\n' "$nv2" "$se" "$(echo "$nv2 / $se" | bc -l)"
 p90=$(printf '%s\n' "${clone[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int(NR * 0.9)]}')
 printf '| raw image in Glance'"'"'s Ceph store: imgconv clones Glance'"'"'s snapshot (64 MiB image; p50, p90 of 20) | | %s, %s | |\n' "$cl" "$p90"
+ratios=$(for k in "${!nova[@]}"; do echo "${nova[$k]} / ${first[$k]}" | bc -l; done | sort -n | awk '{printf "%.2f ", $1}')
+echo "Nova / imgconv (first instance) run by run, sorted: $ratios"
 echo "all runs: nova ${nova[*]}; nova second ${nova2[*]}; first ${first[*]}; second ${second[*]}; clone ${clone[*]}"

@@ -1,48 +1,58 @@
-import Crypto
+import CLibCrypto
 
-/// One incremental hash named as Glance names it (`os_hash_algo`, or md5 for the legacy `checksum`).
+/// A streaming hash of an image, by Glance's algorithm name (`os_hash_algo`, or md5 for `checksum`). It runs on
+/// every byte of every download, so it uses the system libcrypto's EVP digests: on AMD CPUs its SHA-512 is 1.7×
+/// faster than the one in swift-crypto's BoringSSL (see `Sources/CLibCrypto/shim.h`).
 public struct ImageDigest: Sendable {
     public let algorithm: String
-    private var state: State
+    private let context: Context
 
-    private enum State: Sendable {
-        case md5(Insecure.MD5), sha1(Insecure.SHA1), sha256(SHA256), sha384(SHA384), sha512(SHA512)
+    /// One EVP context; only its owning digest touches it, from one thread at a time.
+    private final class Context: @unchecked Sendable {
+        let ctx: OpaquePointer
+        init?(_ md: OpaquePointer) {
+            guard let c = EVP_MD_CTX_new() else { return nil }
+            guard EVP_DigestInit_ex(c, md, nil) == 1 else {
+                EVP_MD_CTX_free(c)
+                return nil
+            }
+            ctx = c
+        }
+        deinit { EVP_MD_CTX_free(ctx) }
     }
 
     public static let supported = ["md5", "sha1", "sha256", "sha384", "sha512"]
 
-    /// Nil for an algorithm we cannot compute.
+    /// Nil for an algorithm we cannot compute (or one the system's crypto policy refuses, such as md5 under FIPS).
     public init?(algorithm: String) {
         self.algorithm = algorithm.lowercased()
+        let md: OpaquePointer?
         switch self.algorithm {
-        case "md5": state = .md5(Insecure.MD5())
-        case "sha1": state = .sha1(Insecure.SHA1())
-        case "sha256": state = .sha256(SHA256())
-        case "sha384": state = .sha384(SHA384())
-        case "sha512": state = .sha512(SHA512())
+        case "md5": md = EVP_md5()
+        case "sha1": md = EVP_sha1()
+        case "sha256": md = EVP_sha256()
+        case "sha384": md = EVP_sha384()
+        case "sha512": md = EVP_sha512()
         default: return nil
         }
+        guard let md, let c = Context(md) else { return nil }
+        context = c
     }
 
     public mutating func update(_ bytes: UnsafeRawBufferPointer) {
-        switch state {
-        case var .md5(h): h.update(bufferPointer: bytes); state = .md5(h)
-        case var .sha1(h): h.update(bufferPointer: bytes); state = .sha1(h)
-        case var .sha256(h): h.update(bufferPointer: bytes); state = .sha256(h)
-        case var .sha384(h): h.update(bufferPointer: bytes); state = .sha384(h)
-        case var .sha512(h): h.update(bufferPointer: bytes); state = .sha512(h)
-        }
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return }
+        // Cannot fail for an initialised software digest.
+        _ = EVP_DigestUpdate(context.ctx, base, bytes.count)
     }
 
-    /// Lower-case hex, as Glance stores it.
+    /// Lower-case hex, as Glance stores it. The digest can go on taking bytes afterwards: this finalises a copy.
     public func hex() -> String {
-        switch state {
-        case let .md5(h): return Self.hex(h.finalize())
-        case let .sha1(h): return Self.hex(h.finalize())
-        case let .sha256(h): return Self.hex(h.finalize())
-        case let .sha384(h): return Self.hex(h.finalize())
-        case let .sha512(h): return Self.hex(h.finalize())
-        }
+        guard let copy = EVP_MD_CTX_new() else { return "" }
+        defer { EVP_MD_CTX_free(copy) }
+        var out = [UInt8](repeating: 0, count: Int(EVP_MAX_MD_SIZE))
+        var length: UInt32 = 0
+        guard EVP_MD_CTX_copy_ex(copy, context.ctx) == 1, EVP_DigestFinal_ex(copy, &out, &length) == 1 else { return "" }
+        return Self.hex(out.prefix(Int(length)))
     }
 
     static func hex<D: Sequence>(_ d: D) -> String where D.Element == UInt8 {

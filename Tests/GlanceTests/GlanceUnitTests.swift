@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import Crypto
 import Foundation
 import Testing
 @testable import Glance
@@ -20,6 +21,35 @@ struct GlanceUnitTests {
             #expect(d.hex() == want, "\(algo)")
         }
         #expect(ImageDigest(algorithm: "crc32") == nil)
+    }
+
+    /// libcrypto's digests over many blocks of uneven size agree with swift-crypto's (an independent
+    /// implementation), and reading the hex does not end the digest.
+    @Test func digestsAgreeWithSwiftCryptoOverManyBlocks() {
+        var rng = SystemRandomNumberGenerator()
+        let data = (0..<(9 << 20) + 3).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let oracles: [String: (Data) -> String] = [
+            "md5": { ImageDigest.hex(Insecure.MD5.hash(data: $0)) },
+            "sha1": { ImageDigest.hex(Insecure.SHA1.hash(data: $0)) },
+            "sha256": { ImageDigest.hex(SHA256.hash(data: $0)) },
+            "sha384": { ImageDigest.hex(SHA384.hash(data: $0)) },
+            "sha512": { ImageDigest.hex(SHA512.hash(data: $0)) },
+        ]
+        for (algo, oracle) in oracles {
+            var d = ImageDigest(algorithm: algo)!
+            var at = 0
+            let half = data.count / 2
+            data.withUnsafeBytes { all in
+                while at < half {
+                    let n = min(half - at, 1 + Int.random(in: 0..<(1 << 20), using: &rng))
+                    d.update(UnsafeRawBufferPointer(rebasing: all[at..<(at + n)]))
+                    at += n
+                }
+            }
+            #expect(d.hex() == oracle(Data(data[..<half])), "\(algo), first half")
+            data.withUnsafeBytes { d.update(UnsafeRawBufferPointer(rebasing: $0[half...])) }
+            #expect(d.hex() == oracle(Data(data)), "\(algo), all")
+        }
     }
 
     @Test func verifiesTheMultihashAndMD5OnlyWithoutIt() throws {
