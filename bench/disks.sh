@@ -4,7 +4,8 @@
 #   - base path, first instance: a zlib qcow2 in Glance's file store; the agent downloads and verifies it,
 #     inspects it and streams the conversion into a new shared base (cache and base emptied before each run)
 #   - base path, second instance: the base exists; only a clone
-#   - Nova's non-clone path on the same qcow2: download to a file, `qemu-img convert -O raw`, `rbd import`
+#   - Nova's non-clone path on the same qcow2: download to a file, `qemu-img convert -O raw`, `rbd import`;
+#     and the same as nova-compute runs it (download fsynced, `qemu-img convert -t none`)
 # Medians (and p50 for the clone paths) of N runs (default 5) after one uncounted warm-up round. Needs scripts/ceph-cluster.sh and the Glance
 # fixture started with IMGCONV_CEPH_ENV (both started here if not running).
 # Usage: bench/disks.sh [runs] [qcow2 image (default: the 1 GiB mixed zlib qcow2 of bench/make-corpus.sh)]
@@ -90,7 +91,7 @@ create() {  # image -> "wall seconds" "disk name" "method"
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-clone=() first=() second=() nova=() nova2=()
+clone=() first=() second=() nova=() nova2=() novad=()
 record() { local -n into=$1; [ "$i" -gt 0 ] && into+=("$2"); return 0; }
 # Round 0 warms both sides up and is not counted: the agent's first request issues a Keystone token, and on this
 # VM the first runs of Nova's path touch cold memory (page cache costs several times more on pages the balloon
@@ -110,6 +111,18 @@ for i in $(seq 0 "$runs"); do
     rm -f "$work/nova.part" "$work/nova.raw"
     "${RBD[@]}" rm --no-progress "vms/bench-nova-$i" >/dev/null
     "${RBD[@]}" rm --no-progress "vms/bench-nova-$i-2" >/dev/null
+    # Nova as nova-compute runs it: the download is fsynced (nova/image/glance.py, _verify_and_write) and the
+    # conversion uses `-t none` where the instances path takes O_DIRECT (nova/privsep/qemu.py,
+    # unprivileged_convert_image), so rbd import reads the raw back from disk.
+    sync
+    t0=$(date +%s.%N)
+    curl -sf -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$qid/file" -o "$work/nova.part"
+    sync "$work/nova.part"
+    qemu-img convert -t none -f qcow2 -O raw "$work/nova.part" "$work/nova.raw"
+    "${RBD[@]}" import --no-progress --image-format 2 "$work/nova.raw" "vms/bench-nova-$i" >/dev/null
+    record novad "$(echo "$(date +%s.%N) - $t0" | bc)"
+    rm -f "$work/nova.part" "$work/nova.raw"
+    "${RBD[@]}" rm --no-progress "vms/bench-nova-$i" >/dev/null
 
     # imgconv, first instance: nothing cached, no base.
     api -X DELETE "http://a/v1/images/$qid" >/dev/null 2>&1 || true
@@ -132,14 +145,15 @@ for i in $(seq 20); do
 done
 rss=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$agent/status")
 m() { printf '%s\n' "$@" | median; }
-nv=$(m "${nova[@]}") nv2=$(m "${nova2[@]}") fi=$(m "${first[@]}") se=$(m "${second[@]}") cl=$(m "${clone[@]}")
+nv=$(m "${nova[@]}") nvd=$(m "${novad[@]}") nv2=$(m "${nova2[@]}") fi=$(m "${first[@]}") se=$(m "${second[@]}") cl=$(m "${clone[@]}")
 echo "source: $(basename "$src") ($(du -h --apparent-size "$src" | cut -f1), virtual $(qemu-img info --output json "$src" | python3 -c 'import json,sys;print(json.load(sys.stdin)["virtual-size"] >> 20)') MiB); medians of $runs; agent peak RSS ${rss} MiB"
 echo "| instance | Nova (s) | imgconv (s) | Nova / imgconv |"
 echo "|---|---|---|---|"
 printf '| first: Nova downloads, qemu-img convert -O raw, rbd import; imgconv downloads, verifies, converts into a base, snapshots, clones | %s | %s | %.2fx |\n' "$nv" "$fi" "$(echo "$nv / $fi" | bc -l)"
+printf '| first, Nova as nova-compute runs it: the download fsynced, qemu-img convert -t none (O_DIRECT), rbd import | %s | %s | %.2fx |\n' "$nvd" "$fi" "$(echo "$nvd / $fi" | bc -l)"
 printf '| second: Nova rbd import of its cached raw; imgconv clones the base | %s | %s | %.0fx |\n' "$nv2" "$se" "$(echo "$nv2 / $se" | bc -l)"
 p90=$(printf '%s\n' "${clone[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int(NR * 0.9)]}')
 printf '| raw image in Glance'"'"'s Ceph store: imgconv clones Glance'"'"'s snapshot (64 MiB image; p50, p90 of 20) | | %s, %s | |\n' "$cl" "$p90"
 ratios=$(for k in "${!nova[@]}"; do echo "${nova[$k]} / ${first[$k]}" | bc -l; done | sort -n | awk '{printf "%.2f ", $1}')
 echo "Nova / imgconv (first instance) run by run, sorted: $ratios"
-echo "all runs: nova ${nova[*]}; nova second ${nova2[*]}; first ${first[*]}; second ${second[*]}; clone ${clone[*]}"
+echo "all runs: nova ${nova[*]}; nova as run by nova-compute ${novad[*]}; nova second ${nova2[*]}; first ${first[*]}; second ${second[*]}; clone ${clone[*]}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download-and-verify benchmark: the agent fetching a 1 GiB image from the local Glance (stream, sha512 + md5,
+# Download-and-verify benchmark: the agent fetching a 1 GiB image from the local Glance (stream, sha512 (os_hash_value),
 # inspection, fsync, rename) against `curl -s URL | tee FILE | sha512sum` on the same image, in one run.
 # Medians of N runs (default 5), alternating the two. Needs the Keystone/Glance fixture (started if not running).
 # Usage: bench/download.sh [runs]
@@ -87,5 +87,5 @@ oc=$(printf '%s\n' "${ours_cpu[@]}" | median)
 echo "image: 1 GiB raw ($ID), $runs runs, medians"
 printf "%-44s %8s\n" "curl | tee FILE | sha512sum" "$p s"
 printf "%-44s %8s\n" "curl | tee FILE | sha512sum; sync FILE" "$ps s"
-printf "%-44s %8s  cpu %s s, agent peak RSS %s MiB\n" "imgconv agent (sha512+md5, inspect, fsync)" "$o s" "$oc" "$rss"
+printf "%-44s %8s  cpu %s s, agent peak RSS %s MiB\n" "imgconv agent (sha512, inspect, fsync)" "$o s" "$oc" "$rss"
 echo "ratio (peer time / imgconv time): $(echo "scale=2; $p / $o" | bc)x against curl|tee|sha512sum, $(echo "scale=2; $ps / $o" | bc)x against it plus sync"

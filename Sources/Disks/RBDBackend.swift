@@ -322,8 +322,8 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
     /// Not on this node: the download goes to a private file next to the cache while the converter follows it
     /// (`GrowingFileStorage`: reads wait for the bytes), streaming into the part as the data arrives. The format's
     /// reader opens the declared format directly, bounds-checked as always; the full inspection (detection,
-    /// polyglots, structure) runs on the complete file once its hashes matched, and the part is published only
-    /// if it is clean. Nothing raw is ever stored locally.
+    /// polyglots, structure) runs on the complete file once its hashes matched (alongside the converter's last
+    /// writes), and the part is published only if it is clean. Nothing raw is ever stored locally.
     func streamConvert(_ image: GlanceImage, format: ImageFormat, size: UInt64, part: String, io: IOContext,
                        cache: ImageCache, source: any ImageSource, stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
         let started = ContinuousClock.now
@@ -339,6 +339,13 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
                 try? file.finish(failure: "\(error)")
                 throw error
             }
+        }
+        // The full inspection needs only the complete file: it runs as soon as the download is done, while the
+        // converter finishes its last writes.
+        let inspection = Task { () async throws -> [String] in
+            _ = try await download.value
+            let (verdict, _) = try await offload { ImageInspector.inspect(path: file.path, declared: format) }
+            return verdict.safe ? [] : verdict.reasons.map(\.description)
         }
         let order = settings.order
         do {
@@ -363,14 +370,15 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
             }
             _ = try await download.value
             logger.info("downloaded and converted", metadata: ["image": "\(image.id)", "seconds": "\(started.duration(to: .now).seconds)"])
-            let (verdict, _) = try await offload { ImageInspector.inspect(path: file.path, declared: format) }
-            guard verdict.safe else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
+            let unsafe = try await inspection.value
+            guard unsafe.isEmpty else { throw DiskError.unsafe(id: image.id, reasons: unsafe) }
             return written
         } catch {
             download.cancel()
             file.stopFollowing()
             try? file.finish(failure: "cancelled")
             _ = try? await download.value
+            _ = try? await inspection.value
             try? await offload { try Self.removeWithSnapshots(io, part) }
             throw error
         }
