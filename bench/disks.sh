@@ -89,6 +89,9 @@ create() {  # image -> "wall seconds" "disk name" "method"
     out=$(api -X POST -H 'Content-Type: application/json' -d "{\"instance_uuid\":\"$inst\",\"image_id\":\"$1\"}" http://a/v1/disks)
     echo "$(echo "$(date +%s.%N) - $t0" | bc) ${inst}_disk $(echo "$out" | python3 -c 'import json,sys;print(json.load(sys.stdin)["method"])')"
 }
+# Before each first-instance measurement: dirty pages written and the OSD done with the previous run's deletes
+# (BlueStore frees a removed image's extents in the background), so no run pays for the one before it.
+settle() { sync; sleep 2; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 clone=() first=() second=() nova=() nova2=() novad=()
@@ -98,7 +101,7 @@ record() { local -n into=$1; [ "$i" -gt 0 ] && into+=("$2"); return 0; }
 # driver reported free).
 for i in $(seq 0 "$runs"); do
     # Nova: download, convert to raw, import (what nova-compute does for a qcow2 image with images_type = rbd).
-    sync
+    settle
     t0=$(date +%s.%N)
     curl -sf -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$qid/file" -o "$work/nova.part"
     qemu-img convert -f qcow2 -O raw "$work/nova.part" "$work/nova.raw"
@@ -114,7 +117,7 @@ for i in $(seq 0 "$runs"); do
     # Nova as nova-compute runs it: the download is fsynced (nova/image/glance.py, _verify_and_write) and the
     # conversion uses `-t none` where the instances path takes O_DIRECT (nova/privsep/qemu.py,
     # unprivileged_convert_image), so rbd import reads the raw back from disk.
-    sync
+    settle
     t0=$(date +%s.%N)
     curl -sf -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$qid/file" -o "$work/nova.part"
     sync "$work/nova.part"
@@ -126,7 +129,7 @@ for i in $(seq 0 "$runs"); do
 
     # imgconv, first instance: nothing cached, no base.
     api -X DELETE "http://a/v1/images/$qid" >/dev/null 2>&1 || true
-    sync
+    settle
     read -r t name method < <(create "$qid")
     [ "$method" = base-built ] || { echo "expected base-built, got $method" >&2; exit 1; }
     record first "$t"
