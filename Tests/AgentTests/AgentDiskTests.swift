@@ -2,6 +2,7 @@ import CephFixture
 import Foundation
 import OpenStackFixture
 import RBD
+import Synchronization
 import Testing
 
 /// `POST /v1/disks` on real agent processes: three agents racing for one base on the real Ceph cluster, a
@@ -93,17 +94,28 @@ struct AgentDiskTests {
         defer { a.stop(); b.stop() }
 
         let request = body(UUID().uuidString.lowercased(), id)
-        let first = Task { _ = try? a.request("POST", "/v1/disks", json: request, timeout: 300) }
-        // Kill the builder once its half-written base is in the pool.
-        let deadline = Date().addingTimeInterval(120)
-        var part: String?
-        while part == nil && Date() < deadline {
-            part = try rbdImages().first { $0.hasPrefix("imgconv-base-\(id).part-") }
-            if part == nil { try await Task.sleep(nanoseconds: 20_000_000) }
+        // Kill the builder as soon as its half-written base is in the pool. The whole build of this image takes
+        // under 2 s, so the watch runs on its own thread, polling every 5 ms and killing from there: a task on
+        // the shared pool can be held off for longer than that while other suites run.
+        let io = try vms.get()
+        let found = Mutex<String?>(nil)
+        let watcher = Thread {
+            let deadline = Date().addingTimeInterval(120)
+            while Date() < deadline {
+                if let p = (try? io.listImages())?.first(where: { $0.hasPrefix("imgconv-base-\(id).part-") }) {
+                    a.kill9()
+                    found.withLock { $0 = p }
+                    return
+                }
+                usleep(5000)
+            }
         }
+        watcher.start()
+        let first = Task { _ = try? a.request("POST", "/v1/disks", json: request, timeout: 300) }
+        while !watcher.isFinished { try await Task.sleep(nanoseconds: 10_000_000) }
         a.kill9()
         await first.value
-        let half = try #require(part, "the builder never started writing its base: \(a.log().suffix(3000))")
+        let half = try #require(found.withLock { $0 }, "the builder never started writing its base: \(a.log().suffix(3000))")
         #expect(try !rbdImages().contains("imgconv-base-\(id)"), "the killed builder finished before it was killed")
 
         let started = Date()
