@@ -128,19 +128,25 @@ final class GrowingFile: DownloadSink, @unchecked Sendable {
             if start + UInt64(n) - flushed > UInt64(Self.windowSize) { try flush(final: false) }
             cond.lock()
             while following && failure == nil && start > furthestRead + lead { cond.wait() }
-            var p = Int(start % UInt64(Self.windowSize)), from = done, left = n
-            while left > 0 {
-                let k = min(left, Self.windowSize - p)
-                (window.baseAddress! + p).copyMemory(from: bytes.baseAddress! + from, byteCount: k)
-                p = (p + k) % Self.windowSize
-                from += k
-                left -= k
-            }
+            let from = done
+            inWindow(start, n) { slot, at, k in slot.copyMemory(from: bytes.baseAddress! + from + at, byteCount: k) }
             written = start + UInt64(n)
             cond.broadcast()
             cond.unlock()
             done += n
             if written - flushed >= UInt64(Self.chunk) { try flush(final: false) }
+        }
+    }
+
+    /// Calls `body` with each contiguous piece of the window that holds `[offset, offset + count)`: the piece,
+    /// where it starts within the range, and its length.
+    private func inWindow(_ offset: UInt64, _ count: Int, _ body: (UnsafeMutableRawPointer, Int, Int) -> Void) {
+        var p = Int(offset % UInt64(Self.windowSize)), at = 0
+        while at < count {
+            let k = min(count - at, Self.windowSize - p)
+            body(window.baseAddress! + p, at, k)
+            p = (p + k) % Self.windowSize
+            at += k
         }
     }
 
@@ -154,15 +160,17 @@ final class GrowingFile: DownloadSink, @unchecked Sendable {
             flushed += UInt64(n)
         }
         guard final, written > flushed else { return }
+        // Less than one block, so one piece of the window. Direct writes go in whole blocks: pad the last one,
+        // then cut the file back to its size.
         let n = Int(written - flushed)
-        let p = Int(flushed % UInt64(Self.windowSize))
+        let last = UnsafeRawBufferPointer(start: window.baseAddress! + Int(flushed % UInt64(Self.windowSize)), count: n)
         if directFD >= 0 {
-            // Direct writes go in whole blocks: pad the last one and cut the file back to its size.
             tail.initializeMemory(as: UInt8.self, repeating: 0)
-            tail.baseAddress!.copyMemory(from: window.baseAddress! + p, byteCount: n)
+            tail.baseAddress!.copyMemory(from: last.baseAddress!, byteCount: n)
             try store(UnsafeRawBufferPointer(tail), at: flushed)
+        } else {
+            try store(last, at: flushed)
         }
-        if directFD < 0 { try out.pwriteAll(UnsafeRawBufferPointer(start: window.baseAddress! + p, count: n), at: flushed) }
         try out.truncate(written)
         flushed = written
     }
@@ -192,14 +200,14 @@ final class GrowingFile: DownloadSink, @unchecked Sendable {
         if failure == nil {
             do { try flush(final: true) } catch {
                 failure = "\(error)"
-                finishLocked(failure)
+                markEnded(failure)
                 throw error
             }
         }
-        finishLocked(failure)
+        markEnded(failure)
     }
 
-    private func finishLocked(_ f: String?) {
+    private func markEnded(_ f: String?) {
         cond.lock()
         done = true
         failure = f
@@ -229,12 +237,8 @@ final class GrowingFile: DownloadSink, @unchecked Sendable {
         // Whatever lies below the window is in the file already.
         let low = written > UInt64(Self.windowSize) ? written - UInt64(Self.windowSize) : 0
         let fromFile = offset < low ? Int(min(low, end) - offset) : 0
-        var p = Int((offset + UInt64(fromFile)) % UInt64(Self.windowSize)), to = fromFile
-        while to < buffer.count {
-            let k = min(buffer.count - to, Self.windowSize - p)
-            (buffer.baseAddress! + to).copyMemory(from: window.baseAddress! + p, byteCount: k)
-            p = (p + k) % Self.windowSize
-            to += k
+        inWindow(offset + UInt64(fromFile), buffer.count - fromFile) { slot, at, k in
+            (buffer.baseAddress! + fromFile + at).copyMemory(from: slot, byteCount: k)
         }
         cond.unlock()
         if fromFile > 0 {

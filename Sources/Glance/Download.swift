@@ -46,8 +46,8 @@ public typealias DownloadProgress = @Sendable (UInt64) -> Void
 
 /// Streams an image's bytes from Glance into a sink while hashing them with `os_hash_algo` (or, for an image
 /// without one, md5 `checksum`) in the same pass. A dropped connection resumes with `Range: bytes=N-`; a server
-/// that ignores the Range and sends the whole body is detected (200 instead of 206) and its first N bytes skipped. Nothing is trusted until
-/// `run` returns: the caller must not publish the bytes before that.
+/// that ignores the Range and sends the whole body is detected (200 instead of 206) and its first N bytes
+/// skipped. Nothing is trusted until `run` returns: the caller must not publish the bytes before that.
 ///
 /// The network loop fills 4 MiB blocks; a worker thread writes a block and updates the hash in parallel while
 /// the next block is received.

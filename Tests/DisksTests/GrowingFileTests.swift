@@ -64,6 +64,15 @@ struct GrowingFileTests {
         return t
     }
 
+    /// A stream file of `size` bytes in a new temporary directory, closed and removed after `body`.
+    func withFile(size: UInt64, _ body: (GrowingFile) throws -> Void) throws {
+        let dir = try temporaryDirectory("growing")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let file = try GrowingFile(path: "\(dir)/stream", size: size)
+        defer { file.close() }
+        try body(file)
+    }
+
     func check(directory: String) throws {
         let size: UInt64 = 83 << 20 + 4093
         let file = try GrowingFile(path: "\(directory)/stream", size: size)
@@ -118,52 +127,46 @@ struct GrowingFileTests {
 
     @Test("the download waits while it is far ahead of the reads, and runs free once the converter stops following")
     func backpressure() throws {
-        let dir = try temporaryDirectory("growing")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
         let size: UInt64 = 96 << 20
-        let file = try GrowingFile(path: "\(dir)/stream", size: size)
-        defer { file.close() }
-        let writer = Self.writeAll(file, size: size, seed: 3)
-        var one = [UInt8](repeating: 0, count: 1)
-        try one.withUnsafeMutableBytes { try file.read(into: $0, at: 0, what: "test") }
-        usleep(300_000)
-        let held = file.received
-        #expect(held <= file.lead + (9 << 20), "the download ran \(held) bytes ahead of a reader at byte 1")
-        #expect(held >= file.lead, "the download stopped at \(held), before the lead")
-        file.stopFollowing()
-        while !writer.isFinished { usleep(1000) }
-        #expect(file.received == size)
-        // Early bytes are below the window now: they come from the file.
-        try one.withUnsafeMutableBytes { try file.read(into: $0, at: 5, what: "test") }
-        #expect(one[0] == Self.byte(5))
+        try withFile(size: size) { file in
+            let writer = Self.writeAll(file, size: size, seed: 3)
+            var one = [UInt8](repeating: 0, count: 1)
+            try one.withUnsafeMutableBytes { try file.read(into: $0, at: 0, what: "test") }
+            usleep(300_000)
+            let held = file.received
+            #expect(held <= file.lead + (9 << 20), "the download ran \(held) bytes ahead of a reader at byte 1")
+            #expect(held >= file.lead, "the download stopped at \(held), before the lead")
+            file.stopFollowing()
+            while !writer.isFinished { usleep(1000) }
+            #expect(file.received == size)
+            // Early bytes are below the window now: they come from the file.
+            try one.withUnsafeMutableBytes { try file.read(into: $0, at: 5, what: "test") }
+            #expect(one[0] == Self.byte(5))
+        }
     }
 
     @Test("a failed download fails the reads waiting for its bytes, with the reason")
     func failure() throws {
-        let dir = try temporaryDirectory("growing")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let file = try GrowingFile(path: "\(dir)/stream", size: 1 << 20)
-        defer { file.close() }
-        let t = Thread {
-            usleep(50_000)
-            try? file.finish(failure: "checksum mismatch")
-        }
-        t.start()
-        var b = [UInt8](repeating: 0, count: 10)
-        #expect(throws: DiskError.self) { try b.withUnsafeMutableBytes { try file.read(into: $0, at: 100, what: "test") } }
-        do { try b.withUnsafeMutableBytes { try file.read(into: $0, at: 100, what: "test") } } catch {
-            #expect("\(error)".contains("checksum mismatch"))
+        try withFile(size: 1 << 20) { file in
+            let t = Thread {
+                usleep(50_000)
+                try? file.finish(failure: "checksum mismatch")
+            }
+            t.start()
+            var b = [UInt8](repeating: 0, count: 10)
+            #expect(throws: DiskError.self) { try b.withUnsafeMutableBytes { try file.read(into: $0, at: 100, what: "test") } }
+            do { try b.withUnsafeMutableBytes { try file.read(into: $0, at: 100, what: "test") } } catch {
+                #expect("\(error)".contains("checksum mismatch"))
+            }
         }
     }
 
     @Test("blocks out of order are refused, not stored at the wrong place")
     func outOfOrder() throws {
-        let dir = try temporaryDirectory("growing")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let file = try GrowingFile(path: "\(dir)/stream", size: 1 << 20)
-        defer { file.close() }
-        let b = [UInt8](repeating: 1, count: 10)
-        #expect(throws: DiskError.self) { try b.withUnsafeBytes { try file.write($0, at: 4096) } }
+        try withFile(size: 1 << 20) { file in
+            let b = [UInt8](repeating: 1, count: 10)
+            #expect(throws: DiskError.self) { try b.withUnsafeBytes { try file.write($0, at: 4096) } }
+        }
     }
 }
 
