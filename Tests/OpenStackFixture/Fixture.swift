@@ -180,10 +180,25 @@ public enum OpenStack {
         guard status == 201, let created = o as? [String: Any], let id = created["id"] as? String else {
             throw FixtureError("create image: HTTP \(status) \(String(describing: o))")
         }
-        let (up, err) = try await glance("PUT", "/v2/images/\(id)/file", body: bytes, store: store)
+        let (up, err) = try await upload(id, bytes, store: store)
         guard up == 204 else { throw FixtureError("upload: HTTP \(up) \(String(describing: err))") }
         let (_, shown) = try await glance("GET", "/v2/images/\(id)")
         return shown as! [String: Any]
+    }
+
+    /// The data PUT is not repeatable once Glance took it, but a PUT sent on a pooled connection gunicorn had
+    /// already closed ("I/O on closed channel") never reached it: the image is still `queued`, and sending
+    /// again is safe.
+    static func upload(_ id: String, _ bytes: [UInt8], store: String?) async throws -> (Int, Any?) {
+        for attempt in 0..<3 {
+            do {
+                return try await glance("PUT", "/v2/images/\(id)/file", body: bytes, store: store)
+            } catch {
+                let (_, shown) = try await glance("GET", "/v2/images/\(id)")
+                guard attempt < 2, (shown as? [String: Any])?["status"] as? String == "queued" else { throw error }
+            }
+        }
+        throw FixtureError("upload of \(id): unreachable")
     }
 
     public static func deleteImage(_ id: String) async {
