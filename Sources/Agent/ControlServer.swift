@@ -146,11 +146,15 @@ public enum ControlAPI {
         router.post("/v1/disks/:name/flatten") { _, ctx in
             do { return json(.ok, encode(try await disks.backend.flatten(ctx.parameters.get("name") ?? ""))) } catch { return response(for: error) }
         }
-        // Removes idle bases now; `?idle=SECONDS` overrides [disks] gc_idle for this run.
+        // Removes idle bases now; `?idle=SECONDS` overrides [disks] gc_idle for this run, and `?image=ID` (repeatable)
+        // looks only at the bases of those Glance images.
         router.post("/v1/bases/gc") { request, _ in
             do {
-                let idle = request.uri.queryParameters.get("idle").flatMap(Double.init) ?? idleDefault
-                return json(.ok, ["removed": try await disks.backend.collectGarbage(idleSeconds: idle)])
+                let query = request.uri.queryParameters
+                let idle = query.get("idle").flatMap(Double.init) ?? idleDefault
+                let images = query.getAll("image")
+                return json(.ok, ["removed": try await disks.backend.collectGarbage(idleSeconds: idle,
+                                                                                   images: images.isEmpty ? nil : Set(images))])
             } catch { return response(for: error) }
         }
     }

@@ -121,13 +121,18 @@ public protocol DiskBackend: Sendable {
     func get(_ name: String) async throws -> DiskInfo
     func remove(_ name: String) async throws
     func flatten(_ name: String) async throws -> DiskInfo
-    /// Removes bases with no children that have been unused for `idleSeconds`; returns their names.
-    func collectGarbage(idleSeconds: Double) async throws -> [String]
+    /// Removes bases with no children that have been unused for `idleSeconds`; returns their names. With `images`,
+    /// only the bases of those Glance image ids are considered.
+    func collectGarbage(idleSeconds: Double, images: Set<String>?) async throws -> [String]
     /// Counters for /metrics: disks made by method, bases built, take-overs from dead builders.
     var counters: [(name: String, value: Int)] { get }
 }
 
 extension DiskBackend {
+    public func collectGarbage(idleSeconds: Double) async throws -> [String] {
+        try await collectGarbage(idleSeconds: idleSeconds, images: nil)
+    }
+
     public var counters: [(name: String, value: Int)] { [] }
 }
 

@@ -129,11 +129,12 @@ public final class LocalBackend: DiskBackend, @unchecked Sendable {
     }
 
     /// Bases no overlay names, untouched (mtime) for `idleSeconds`.
-    public func collectGarbage(idleSeconds: Double) async throws -> [String] {
+    public func collectGarbage(idleSeconds: Double, images: Set<String>?) async throws -> [String] {
         let inUse = Set(try await list().compactMap(\.parent))
         var removed: [String] = []
         let now = Date()
         for e in (try? FileManager.default.contentsOfDirectory(atPath: baseDir)) ?? [] {
+            if let images, !images.contains(e) { continue }
             let path = "\(baseDir)/\(e)"
             guard !inUse.contains(path), let attrs = try? FileManager.default.attributesOfItem(atPath: path),
                   let mtime = attrs[.modificationDate] as? Date, now.timeIntervalSince(mtime) >= idleSeconds else { continue }

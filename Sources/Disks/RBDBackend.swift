@@ -480,7 +480,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
 
     // MARK: garbage collection
 
-    public func collectGarbage(idleSeconds: Double) async throws -> [String] {
+    public func collectGarbage(idleSeconds: Double, images: Set<String>?) async throws -> [String] {
         let io = try await pool()
         let prefix = settings.basePrefix, snapshot = settings.snapshot, seconds = settings.leaseSeconds
         let logger = self.logger
@@ -490,6 +490,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
             for name in try io.listImages() where name.hasPrefix(prefix) {
                 let isPart = name.contains(".part-")
                 let imageID = String(name.dropFirst(prefix.count).prefix(36))
+                if let images, !images.contains(imageID) { continue }
                 let object = self.leaseObject(imageID)
                 // Never touch a base while a builder holds its lease.
                 let cookie = "gc-" + UUID().uuidString.lowercased()

@@ -224,8 +224,10 @@ struct DiskCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "gc", abstract: "Remove shared bases that have no disks and have been idle.")
         @OptionGroup var options: SocketOption
         @Option(help: "Idle seconds (default: the agent's [disks] gc_idle).") var idle: Int?
+        @Argument(help: "Only the bases of these Glance image ids (default: every base).") var images: [String] = []
         func run() async throws {
-            let q = idle.map { "?idle=\($0)" } ?? ""
+            let items = (idle.map { ["idle=\($0)"] } ?? []) + images.map { "image=\(escape($0))" }
+            let q = items.isEmpty ? "" : "?" + items.joined(separator: "&")
             try await ControlClient(options.socket).printCall("POST", "/v1/bases/gc\(q)")
         }
     }

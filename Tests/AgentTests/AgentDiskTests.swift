@@ -75,17 +75,11 @@ struct AgentDiskTests {
         let names = ((listed as? [String: Any])?["disks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
         for (_, o) in answers { #expect(names.contains(o["name"] as! String)) }
         for (_, o) in answers { #expect(try agents[2].request("DELETE", "/v1/disks/\(o["name"] as! String)").0 == 204) }
-        // Other suites run GC on the same pool at the same time, and a GC passes over a base whose lease another
-        // GC holds for that moment (or finds it already removed): ask again until it is gone.
-        var gone = false
-        for _ in 0..<20 where !gone {
-            let (gc, removed) = try agents[0].request("POST", "/v1/bases/gc?idle=0")
-            #expect(gc == 200)
-            let exists = try rbdImages().contains("imgconv-base-\(id)")
-            gone = ((removed as? [String: Any])?["removed"] as? [String] ?? []).contains("imgconv-base-\(id)") || !exists
-            if !gone { try await Task.sleep(nanoseconds: 250_000_000) }
-        }
-        #expect(gone, "GC never removed the childless base")
+        // Each test names its own image, so no other test's GC (they share the pool) takes this base's lease.
+        let (gc, removed) = try agents[0].request("POST", "/v1/bases/gc?idle=0&image=\(id)")
+        #expect(gc == 200)
+        #expect((removed as? [String: Any])?["removed"] as? [String] == ["imgconv-base-\(id)"])
+        #expect(try !rbdImages().contains("imgconv-base-\(id)"))
     }
 
     @Test func killedImporterIsTakenOver() async throws {
@@ -137,13 +131,13 @@ struct AgentDiskTests {
         #expect(info["parent"] as? String == "vms/imgconv-base-\(id)@imgconv")
         let gcDeadline = Date().addingTimeInterval(60)
         while try rbdImages().contains(half) && Date() < gcDeadline {
-            _ = try b.request("POST", "/v1/bases/gc?idle=3600")
+            _ = try b.request("POST", "/v1/bases/gc?idle=3600&image=\(id)")
             try await Task.sleep(nanoseconds: 500_000_000)
         }
         #expect(try !rbdImages().contains(half), "the dead builder's part was never removed: \(b.log().suffix(3000))")
         #expect(try rbdImages().contains("imgconv-base-\(id)"), "GC removed a base that has a child")
         #expect(try b.request("DELETE", "/v1/disks/\(info["name"] as! String)").0 == 204)
-        _ = try b.request("POST", "/v1/bases/gc?idle=0")
+        _ = try b.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
     }
 
     @Test func cephUnreachableIsAClearErrorWithinTheTimeout() async throws {
@@ -199,11 +193,11 @@ struct AgentDiskTests {
         #expect(cmp.status == 0, "\(cmp.out) \(cmp.err)")
         #expect(try a.request("POST", "/v1/disks", json: #"{"instance_uuid": "\#(instance)", "image_id": "\#(id)"}"#).0 == 409)
         // The base stays while a disk uses it; once none does, GC removes it.
-        let (_, kept) = try a.request("POST", "/v1/bases/gc?idle=0")
+        let (_, kept) = try a.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
         #expect(((kept as? [String: Any])?["removed"] as? [String])?.isEmpty == true)
         #expect(try a.request("DELETE", "/v1/disks/\(instance)_disk").0 == 204)
         #expect(!FileManager.default.fileExists(atPath: path))
-        let (_, removed) = try a.request("POST", "/v1/bases/gc?idle=0")
+        let (_, removed) = try a.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
         #expect((removed as? [String: Any])?["removed"] as? [String] == [id])
         #expect(!FileManager.default.fileExists(atPath: a.dir + "/state/instances/_base/\(id)"))
     }
@@ -231,7 +225,10 @@ struct AgentDiskTests {
         #expect(gone.status != 0 && gone.err.contains("does not exist"), "\(gone.err)")
         let bad = try shell([imgconvBinary, "disk", "create", "--socket", a.socket, "--size", "1k", UUID().uuidString, id])
         #expect(bad.status != 0 && bad.err.contains("smaller than the image's virtual size"), "\(bad.err)")
-        let gc = try shell([imgconvBinary, "disk", "gc", "--socket", a.socket, "--idle", "0"])
+        // Another image's base is not looked at; this one's is removed.
+        let other = try shell([imgconvBinary, "disk", "gc", "--socket", a.socket, "--idle", "0", UUID().uuidString.lowercased()])
+        #expect(other.status == 0 && !other.out.contains("imgconv-base-\(id)"), "\(other.out)")
+        let gc = try shell([imgconvBinary, "disk", "gc", "--socket", a.socket, "--idle", "0", id])
         #expect(gc.status == 0 && gc.out.contains("imgconv-base-\(id)"), "\(gc.out)")
     }
 }

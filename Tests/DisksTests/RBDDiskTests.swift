@@ -47,21 +47,14 @@ struct RBDDiskTests {
         #expect(listed.allSatisfy { $0.parent == first.parent && $0.imageID == id })
 
         // The base stays while it has children; once they are gone GC removes it.
-        #expect(try await backend.collectGarbage(idleSeconds: 0).contains("imgconv-base-\(id)") == false)
+        // Each test names its own image, so no other test's GC (they share the pool) takes this base's lease.
+        #expect(try await backend.collectGarbage(idleSeconds: 0, images: [id]).isEmpty)
         try await backend.remove(first.name)
         try await backend.remove(second.name)
         await #expect(throws: DiskError.self) { try await backend.remove(second.name) }
-        #expect(try await backend.collectGarbage(idleSeconds: 3600).contains("imgconv-base-\(id)") == false)
-        // Other suites run GC on the same pool at the same time, and a GC passes over a base whose lease another
-        // GC holds for that moment (or finds it already removed): ask again until it is gone.
-        var gone = false
-        for _ in 0..<20 where !gone {
-            let removed = try await backend.collectGarbage(idleSeconds: 0).contains("imgconv-base-\(id)")
-            let exists = try await backend.pool().imageExists("imgconv-base-\(id)")
-            gone = removed || !exists
-            if !gone { try await Task.sleep(nanoseconds: 250_000_000) }
-        }
-        #expect(gone, "GC never removed the childless base")
+        #expect(try await backend.collectGarbage(idleSeconds: 3600, images: [id]).isEmpty)
+        #expect(try await backend.collectGarbage(idleSeconds: 0, images: [id]) == ["imgconv-base-\(id)"])
+        #expect(try await !backend.pool().imageExists("imgconv-base-\(id)"))
     }
 
     @Test func sizesAndNames() async throws {
@@ -93,7 +86,7 @@ struct RBDDiskTests {
         let flat = try await backend.flatten(big.name)
         #expect(flat.parent == nil)
         try await backend.remove(big.name)
-        _ = try await backend.collectGarbage(idleSeconds: 0)
+        _ = try await backend.collectGarbage(idleSeconds: 0, images: [id])
     }
 
     /// A qcow2 registered as raw (CVE-2024-40767) is streamed into Ceph as raw, then refused by the inspection
@@ -172,7 +165,7 @@ struct RBDDiskTests {
         let expected = try expectedRaw("qcow2-zlib.qcow2", format: "qcow2", dir: dir)
         for d in disks { #expect(try exported(d.location, dir: dir) == expected) }
         for d in disks { try await nodes[0].1.remove(d.name) }
-        _ = try await nodes[0].1.collectGarbage(idleSeconds: 0)
+        _ = try await nodes[0].1.collectGarbage(idleSeconds: 0, images: [id])
     }
 
     /// A builder that died mid-import: its lease (3 s) is left unrenewed and its half-written part is in the pool.
@@ -203,7 +196,7 @@ struct RBDDiskTests {
         #expect(try exported(disk.location, dir: dir) == (try expectedRaw("vdi-dynamic.vdi", format: "vdi", dir: dir)))
         #expect(try !dead.imageExists(part))
         try await backend.remove(disk.name)
-        _ = try await backend.collectGarbage(idleSeconds: 0)
+        _ = try await backend.collectGarbage(idleSeconds: 0, images: [id])
     }
 
     /// A raw image Glance keeps in this cluster: cloned from Glance's own snapshot, nothing downloaded or written.
@@ -243,6 +236,6 @@ struct RBDDiskTests {
 
         try await backend.remove(disk.name)
         try await backend.remove(qdisk.name)
-        _ = try await backend.collectGarbage(idleSeconds: 0)
+        _ = try await backend.collectGarbage(idleSeconds: 0, images: [id, qid])
     }
 }
