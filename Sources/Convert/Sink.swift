@@ -187,8 +187,13 @@ public final class OutputFile {
         if dfd >= 0 { _ = fsync(dfd); close(dfd) }
     }
 
-    public func discard() {
+    /// Closes the descriptor, once: a second close could hit a descriptor another thread has opened since.
+    public func closeDescriptor() {
         if fd >= 0 { close(fd); fd = -1 }
+    }
+
+    public func discard() {
+        closeDescriptor()
         if let tmp = temporaryPath { unlink(tmp); temporaryPath = nil }
     }
 
@@ -264,5 +269,5 @@ public final class RawFileSink: ImageSink {
     }
 
     public func finish() throws { try file.commit() }
-    public func abort() { if inPlace { if file.fd >= 0 { close(file.fd) } } else { file.discard() } }
+    public func abort() { if inPlace { file.closeDescriptor() } else { file.discard() } }
 }

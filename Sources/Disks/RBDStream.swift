@@ -71,7 +71,7 @@ final class GrowingFile: DownloadSink, @unchecked Sendable {
 
     /// Written as every download is (a temporary name start-up removes), not fsynced: it never outlives us.
     private let out: OutputFile
-    private let readFD: Int32
+    private var readFD: Int32
     /// Our second descriptor on the same file, opened O_DIRECT; -1 once direct writes are unavailable.
     private var directFD: Int32 = -1
     private let window: UnsafeMutableRawBufferPointer
@@ -247,9 +247,10 @@ final class GrowingFile: DownloadSink, @unchecked Sendable {
         }
     }
 
+    /// Once every reader is done. Closing twice is harmless: each descriptor is closed once.
     func close() {
-        Glibc.close(readFD)
-        if directFD >= 0 { Glibc.close(directFD) }
+        if readFD >= 0 { Glibc.close(readFD); readFD = -1 }
+        if directFD >= 0 { Glibc.close(directFD); directFD = -1 }
         out.discard()
     }
 

@@ -117,6 +117,22 @@ struct ConvertTests {
         #expect(names == ["out.raw"])
     }
 
+    /// `-n` writes the existing file; an abort closes it once and leaves it where it is. (It used to close the
+    /// descriptor and keep its number, which the sink's deinit then closed again: by then it could be a file
+    /// another thread had opened.)
+    @Test func inPlaceAbortClosesTheFileOnce() throws {
+        let dst = tempPath("existing.raw")
+        #expect(FileManager.default.createFile(atPath: dst, contents: Data(count: 1 << 20)))
+        let sink = RawFileSink(path: dst, inPlace: true)
+        try sink.begin(virtualSize: 1 << 20)
+        let fd = try #require(sink.outputFile?.fd)
+        #expect(fd >= 0 && fcntl(fd, F_GETFD) != -1)
+        sink.abort()
+        #expect(sink.outputFile?.fd == -1)
+        sink.abort()
+        #expect(FileManager.default.fileExists(atPath: dst))
+    }
+
     @Test func cancellationLeavesNothingBehind() throws {
         let image = try ImageOpener.open(path: samplesDir + "/qcow2-v3.qcow2")
         let dst = tempPath("cancelled.raw")
