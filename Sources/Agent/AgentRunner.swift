@@ -104,6 +104,9 @@ public enum AgentRunner {
         let background = Task {
             await withTaskGroup(of: Void.self) { g in
                 g.addTask { await prefetcher.run() }
+                if config.agent.memoryTrimIdle > 0 {
+                    g.addTask { await IdleTrim.run(idleSeconds: config.agent.memoryTrimIdle, logger: logger) }
+                }
                 if config.disks.gcInterval > 0 && config.disks.gcIdle > 0 {
                     g.addTask {
                         while !Task.isCancelled {

@@ -19,6 +19,8 @@ public struct AgentConfig: Sendable {
         public var allowedUIDs: [UInt32] = []
         public var allowedGIDs: [UInt32] = []
         public var stateDir = "/var/lib/imgconv"
+        /// Seconds of (almost) no CPU after which freed memory goes back to the system; 0: never.
+        public var memoryTrimIdle: Double = 10
     }
     public enum AuthType: String, Sendable { case password, v3applicationcredential, none }
     public struct GlanceSection: Sendable {
@@ -184,6 +186,7 @@ public struct AgentConfig: Sendable {
         case ("agent", "allowed_uids"): agent.allowedUIDs = try Self.list(v).map(Self.id)
         case ("agent", "allowed_gids"): agent.allowedGIDs = try Self.list(v).map(Self.id)
         case ("agent", "state_dir"): agent.stateDir = try Self.path(v)
+        case ("agent", "memory_trim_idle"): agent.memoryTrimIdle = try Self.duration(v)
         case ("glance", "api_servers"): glance.apiServers = try Self.list(v).map(Self.url)
         case ("glance", "auth_type"):
             guard let t = AuthType(rawValue: v) else { throw ConfigError("'\(v)' is not one of password, v3applicationcredential, none") }

@@ -162,4 +162,35 @@ struct ConfigTests {
         #expect(c.glance.regionName == "RegionOne")
         #expect(throws: ConfigError.self) { try AgentConfig.parse("[rbd]\nnova_conf = /nonexistent/nova.conf\n") }
     }
+
+    @Test func memoryTrimIdleIsADuration() throws {
+        #expect(try AgentConfig.parse(minimal).agent.memoryTrimIdle == 10)
+        #expect(try AgentConfig.parse("[agent]\nmemory_trim_idle = 1m\n" + minimal).agent.memoryTrimIdle == 60)
+        #expect(try AgentConfig.parse("[agent]\nmemory_trim_idle = 0\n" + minimal).agent.memoryTrimIdle == 0)
+        #expect(throws: ConfigError.self) { try AgentConfig.parse("[agent]\nmemory_trim_idle = soon\n" + minimal) }
+    }
+}
+
+/// When the agent gives freed memory back: once, at the first idle check after work; never while it works.
+@Suite("idle memory trim")
+struct IdleTrimTests {
+    func trims(_ cpu: [Double], every seconds: Double = 10) -> [Bool] {
+        var t = IdleTrim(idleSeconds: seconds)
+        return cpu.map { t.check(cpuSeconds: $0) }
+    }
+
+    @Test func trimsOnceAfterWork() {
+        // Start-up idle: nothing to give back yet. Then 2 s and 1 s of work, then idle checks.
+        #expect(trims([0.3, 0.31, 2.3, 3.3, 3.31, 3.32, 3.33]) == [false, false, false, false, true, false, false])
+    }
+
+    @Test func workInBetweenArmsItAgain() {
+        #expect(trims([1, 2, 2.01, 2.02, 4, 4.01]) == [false, false, true, false, false, true])
+    }
+
+    @Test func theIdleBoundScalesWithTheInterval() {
+        // 0.2 CPU-s in 10 s is work; in 60 s it is idle (0.5 % of a core: 0.3 s).
+        #expect(trims([0, 1, 1.2], every: 10) == [false, false, false])
+        #expect(trims([0, 1, 1.2], every: 60) == [false, false, true])
+    }
 }

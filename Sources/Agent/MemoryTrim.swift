@@ -1,0 +1,73 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+
+/// Hands the memory freed by finished builds and downloads back to the system once the agent is idle.
+///
+/// A build frees its buffers (4 MiB conversion and write buffers, the 32 MiB window of a streamed download), but
+/// glibc keeps the freed pages in its arenas for the next allocation: over back-to-back builds the resident size
+/// settles at about 220 MiB, for an agent that spends most of its life idle on a compute node. Returning the pages
+/// after every build would cost the next build the page faults of fresh memory (measured: 0.07 s on a 1 GiB
+/// qcow2, 4 %), so the pages go back only after `idleSeconds` in which the process used almost no CPU; a burst
+/// of builds keeps reusing them.
+struct IdleTrim {
+    /// CPU seconds between two checks below which the agent counts as idle (0.5 % of one core).
+    let idleCPU: Double
+    private var lastCPU: Double?
+    private var trimmed = true
+
+    init(idleSeconds: Double) { idleCPU = idleSeconds * 0.005 }
+
+    /// Takes the process's CPU seconds at each check, `idleSeconds` apart; true when now is the time to trim:
+    /// the first idle check after some work.
+    mutating func check(cpuSeconds: Double) -> Bool {
+        defer { lastCPU = cpuSeconds }
+        guard let last = lastCPU else { return false }
+        if cpuSeconds - last > idleCPU {
+            trimmed = false
+            return false
+        }
+        if trimmed { return false }
+        trimmed = true
+        return true
+    }
+
+    /// User plus system CPU seconds of this process.
+    static func processCPUSeconds() -> Double {
+        var u = rusage()
+        getrusage(RUSAGE_SELF, &u)
+        return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
+    }
+
+    /// Resident bytes, from /proc/self/statm.
+    static func residentBytes() -> UInt64? {
+        guard let f = fopen("/proc/self/statm", "r") else { return nil }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 128)
+        guard fgets(&line, Int32(line.count), f) != nil else { return nil }
+        let fields = String(cString: line).split(separator: " ")
+        guard fields.count >= 2, let pages = UInt64(fields[1]) else { return nil }
+        return pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+    }
+
+    /// Checks every `idleSeconds` until cancelled.
+    static func run(idleSeconds: Double, logger: Logger) async {
+        var state = IdleTrim(idleSeconds: idleSeconds)
+        while !Task.isCancelled {
+            try? await Task.sleep(nanoseconds: UInt64(idleSeconds * 1e9))
+            if Task.isCancelled { return }
+            guard state.check(cpuSeconds: processCPUSeconds()) else { continue }
+            let before = residentBytes()
+            _ = malloc_trim(0)
+            let after = residentBytes()
+            if let before, let after {
+                logger.debug("idle: returned freed memory", metadata: ["rss_before_mib": "\(before >> 20)", "rss_after_mib": "\(after >> 20)"])
+            }
+        }
+    }
+}
+
+/// glibc's `int malloc_trim(size_t pad)` (malloc.h, which the Glibc module does not import).
+@_silgen_name("malloc_trim")
+private func malloc_trim(_ pad: Int) -> Int32
