@@ -239,6 +239,10 @@ public enum ControlAPI {
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4"
             var text = await Metrics.render(cache: cache)
+            text += "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\n"
+            text += "process_resident_memory_bytes \(IdleTrim.residentBytes() ?? 0)\n"
+            text += "# HELP imgconv_memory_trims_total Times freed memory went back to the system after an idle interval.\n"
+            text += "# TYPE imgconv_memory_trims_total counter\nimgconv_memory_trims_total \(IdleTrim.count.load(ordering: .relaxed))\n"
             if let disks {
                 text += "# HELP imgconv_disks_total Boot-disk events by kind (clones by path, bases built, take-overs).\n# TYPE imgconv_disks_total counter\n"
                 for (name, value) in disks.backend.counters { text += "imgconv_disks_total{kind=\"\(name)\"} \(value)\n" }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Logging
+import Synchronization
 
 /// Hands the memory freed by finished builds and downloads back to the system once the agent is idle.
 ///
@@ -12,19 +13,25 @@ import Logging
 /// qcow2, 4 %), so the pages go back only after `idleSeconds` in which the process used almost no CPU; a burst
 /// of builds keeps reusing them.
 struct IdleTrim {
+    /// Trims done, for /metrics.
+    static let count = Atomic<Int>(0)
+
     /// CPU seconds between two checks below which the agent counts as idle (0.5 % of one core).
     let idleCPU: Double
-    private var lastCPU: Double?
+    private var lastCPU: Double
     private var trimmed = true
 
-    init(idleSeconds: Double) { idleCPU = idleSeconds * 0.005 }
+    /// `cpuSeconds`: the process's CPU time now, where the first interval starts.
+    init(idleSeconds: Double, cpuSeconds: Double) {
+        idleCPU = idleSeconds * 0.005
+        lastCPU = cpuSeconds
+    }
 
     /// Takes the process's CPU seconds at each check, `idleSeconds` apart; true when now is the time to trim:
     /// the first idle check after some work.
     mutating func check(cpuSeconds: Double) -> Bool {
         defer { lastCPU = cpuSeconds }
-        guard let last = lastCPU else { return false }
-        if cpuSeconds - last > idleCPU {
+        if cpuSeconds - lastCPU > idleCPU {
             trimmed = false
             return false
         }
@@ -53,13 +60,14 @@ struct IdleTrim {
 
     /// Checks every `idleSeconds` until cancelled.
     static func run(idleSeconds: Double, logger: Logger) async {
-        var state = IdleTrim(idleSeconds: idleSeconds)
+        var state = IdleTrim(idleSeconds: idleSeconds, cpuSeconds: processCPUSeconds())
         while !Task.isCancelled {
             try? await Task.sleep(nanoseconds: UInt64(idleSeconds * 1e9))
             if Task.isCancelled { return }
             guard state.check(cpuSeconds: processCPUSeconds()) else { continue }
             let before = residentBytes()
             _ = malloc_trim(0)
+            count.add(1, ordering: .relaxed)
             let after = residentBytes()
             if let before, let after {
                 logger.debug("idle: returned freed memory", metadata: ["rss_before_mib": "\(before >> 20)", "rss_after_mib": "\(after >> 20)"])

@@ -111,6 +111,31 @@ struct AgentEndToEndTests {
         #expect(text.contains("imgconv_bytes_fetched_total"))
     }
 
+    /// After a download, an idle agent gives the freed buffers back (`memory_trim_idle`), once.
+    @Test func idleAgentTrimsItsMemory() async throws {
+        let bytes = OpenStack.testBytes(24 << 20, seed: 52)
+        let id = try await OpenStack.createImage(bytes)["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let agent = try AgentProcess(["agent": ["memory_trim_idle": "1"]])
+        try agent.start()
+        defer { agent.stop() }
+        func metric(_ name: String) throws -> Int? {
+            let text = try shell(["curl", "-s", "--unix-socket", agent.socket, "http://agent/metrics"]).out
+            return text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Int($0.split(separator: " ")[1]) }
+        }
+        #expect(try metric("process_resident_memory_bytes") ?? 0 > 1 << 20)
+        let r = try shell([imgconvBinary, "cache", "fetch", "--wait", "--socket", agent.socket, id])
+        #expect(r.status == 0, "\(r.err)")
+        let deadline = Date().addingTimeInterval(20)
+        var trims = 0
+        while trims == 0 && Date() < deadline {
+            try await Task.sleep(nanoseconds: 500_000_000)
+            trims = try metric("imgconv_memory_trims_total") ?? 0
+        }
+        #expect(trims >= 1, "no trim after the download: \(agent.log().suffix(2000))")
+        #expect(agent.log().contains("returned freed memory"))
+    }
+
     @Test func evictsUnderASmallLimit() async throws {
         var ids: [String] = []
         for i in 0..<4 { ids.append(try await OpenStack.createImage(OpenStack.testBytes(4 << 20, seed: 60 + UInt64(i)))["id"] as! String) }
