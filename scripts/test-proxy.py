@@ -8,6 +8,8 @@ real networks and servers do:
   --ignore-range      drop the Range header before forwarding (a server that answers a Range request with
                       the whole body and 200)
   --rate BYTES        send response bodies at most this fast (so a test can kill the agent mid-download)
+  fail_status, fails, fail_path (control file only): answer the first `fails` requests whose path ends with
+                      `fail_path` with `fail_status` instead of forwarding them (an overloaded server's 5xx)
 Control: the proxy re-reads --control (a JSON file with the same keys) before every request, so a test can
 change the behaviour without restarting it.
 """
@@ -28,10 +30,11 @@ args = parser.parse_args()
 host, port = args.upstream.split(":")
 lock = threading.Lock()
 cuts_done = 0
+fails_done = 0
 
 
 def settings():
-    s = {"cut_after": 0, "cuts": 0, "ignore_range": False, "rate": 0}
+    s = {"cut_after": 0, "cuts": 0, "ignore_range": False, "rate": 0, "fail_status": 0, "fails": 0, "fail_path": ""}
     if args.control and os.path.exists(args.control):
         try:
             with open(args.control) as f:
@@ -54,7 +57,7 @@ def read_head(f):
 
 class Handler(socketserver.StreamRequestHandler):
     def handle(self):
-        global cuts_done
+        global cuts_done, fails_done
         while True:
             head = read_head(self.rfile)
             if not head:
@@ -81,6 +84,18 @@ class Handler(socketserver.StreamRequestHandler):
             with lock:
                 with open(args.log, "a") as log:
                     log.write(f"{method} {path} {rng or '-'}\n")
+            fail = False
+            if s["fail_status"] and path.endswith(s["fail_path"]):
+                with lock:
+                    if fails_done < s["fails"]:
+                        fails_done += 1
+                        fail = True
+            if fail:
+                text = b"injected failure"
+                self.wfile.write(f"HTTP/1.1 {s['fail_status']} Injected\r\nContent-Type: text/plain\r\n"
+                                 f"Content-Length: {len(text)}\r\nConnection: keep-alive\r\n\r\n".encode() + text)
+                self.wfile.flush()
+                continue
             up = socket.create_connection((host, int(port)))
             up.sendall(head[0] + b"".join(kept) + b"Connection: close\r\n\r\n" + body)
             uf = up.makefile("rb")

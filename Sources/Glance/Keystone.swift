@@ -85,20 +85,29 @@ public actor KeystoneAuth {
         req.headers.add(name: "Content-Type", value: "application/json")
         req.headers.add(name: "User-Agent", value: "imgconv-agent")
         req.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body())))
-        // Issuing a token is safe to repeat: one retry covers a pooled keep-alive connection the server had
-        // closed (gunicorn resets idle ones), which is not a reason to fail a fetch.
-        var response: HTTPClientResponse?
-        for attempt in 1...2 {
+        // Issuing a token is safe to repeat. Two more tries, 0.2 s then 0.4 s later, cover a pooled keep-alive
+        // connection the server had closed (gunicorn resets idle ones) and a 5xx from an overloaded Keystone
+        // (its database busy): neither is a reason to fail a fetch. A 4xx is an answer, and final.
+        let attempts = 3
+        var response: HTTPClientResponse!
+        var data = ByteBuffer()
+        for attempt in 1...attempts {
             do {
                 response = try await http.execute(req, timeout: .seconds(30))
-                break
+                data = try await response.body.collect(upTo: 16 << 20)
             } catch {
-                if attempt == 2 { throw GlanceError.transport(url: url, attempts: attempt, detail: "\(error)") }
-                try await Task.sleep(nanoseconds: 200_000_000)
+                if attempt == attempts { throw GlanceError.transport(url: url, attempts: attempt, detail: "\(error)") }
+                try await Task.sleep(nanoseconds: 200_000_000 << (attempt - 1))
+                continue
             }
+            if response.status.code >= 500 && attempt < attempts {
+                logger.warning("keystone answered with a server error; asking again", metadata: [
+                    "status": "\(response.status.code)", "attempt": "\(attempt)"])
+                try await Task.sleep(nanoseconds: 200_000_000 << (attempt - 1))
+                continue
+            }
+            break
         }
-        guard let response else { throw GlanceError.transport(url: url, attempts: 2, detail: "no response") }
-        let data = try await response.body.collect(upTo: 16 << 20)
         guard response.status == .created || response.status == .ok else {
             throw GlanceError.authentication(status: Int(response.status.code),
                                              detail: String(buffer: data).prefix(300).description)

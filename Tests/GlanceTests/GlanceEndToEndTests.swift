@@ -37,6 +37,25 @@ struct GlanceEndToEndTests {
         return (GlanceClient(http: HTTPClient.shared, endpoint: GlanceEndpoint(apiServers: apiServers, auth: auth)), auth)
     }
 
+    /// An overloaded Keystone's 5xx is asked again (twice, backing off); a third 5xx, or any 4xx, is final.
+    @Test func keystoneServerErrorsAreAskedAgain() async throws {
+        for (fails, status, succeeds, requests) in [(2, 500, true, 3), (3, 503, false, 3), (1, 401, false, 1)] {
+            let proxy = try TestProxy(settings: ["fail_status": status, "fails": fails, "fail_path": "/auth/tokens"],
+                                      upstream: OpenStack.keystoneURL)
+            defer { proxy.stop() }
+            let auth = KeystoneAuth(authURL: proxy.url + "/v3", credentials: .password(
+                username: "admin", password: "secret", userDomain: "Default", project: "admin", projectDomain: "Default"),
+                http: HTTPClient.shared)
+            do {
+                let token = try await auth.token()
+                #expect(succeeds && !token.value.isEmpty, "\(status) × \(fails)")
+            } catch let GlanceError.authentication(got, _) {
+                #expect(!succeeds && got == status, "\(status) × \(fails)")
+            }
+            #expect(proxy.requests().filter { $0.contains("/auth/tokens") }.count == requests, "\(status) × \(fails)")
+        }
+    }
+
     /// Uploads `bytes` and returns a client that reaches Glance through a test proxy with `settings`, the image's
     /// record, the proxy (stop it) and the id (delete it).
     func proxied(_ bytes: [UInt8], settings: [String: Any]) async throws -> (GlanceClient, GlanceImage, TestProxy, String) {

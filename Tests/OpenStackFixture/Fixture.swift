@@ -239,7 +239,8 @@ public final class TestProxy: @unchecked Sendable {
     public let control: String
     let process: Process
 
-    public init(settings: [String: Any] = [:]) throws {
+    /// In front of Glance, or of whatever `upstream` (a base URL) names.
+    public init(settings: [String: Any] = [:], upstream: String = OpenStack.glanceURL) throws {
         port = 20000 + Int.random(in: 0..<20000)
         let dir = NSTemporaryDirectory() + "imgconv-proxy-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -248,7 +249,7 @@ public final class TestProxy: @unchecked Sendable {
         FileManager.default.createFile(atPath: log, contents: nil)
         process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        let upstream = URL(string: OpenStack.glanceURL)!
+        let upstream = URL(string: upstream)!
         process.arguments = ["python3", OpenStack.repository + "/scripts/test-proxy.py", "--listen", "\(port)",
                              "--upstream", "\(upstream.host!):\(upstream.port!)", "--log", log, "--control", control]
         try set(settings)
