@@ -22,7 +22,8 @@ import threading
 import time
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--listen", type=int, required=True)
+parser.add_argument("--listen", type=int, required=True, help="port; 0: any free port, written to --port-file")
+parser.add_argument("--port-file")
 parser.add_argument("--upstream", default="127.0.0.1:9292")
 parser.add_argument("--log", required=True)
 parser.add_argument("--control")
@@ -144,4 +145,10 @@ class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
-Server(("127.0.0.1", args.listen), Handler).serve_forever()
+server = Server(("127.0.0.1", args.listen), Handler)
+if args.port_file:
+    # Listening already: whoever waits for this file can connect as soon as it appears.
+    with open(args.port_file + ".tmp", "w") as f:
+        f.write(str(server.server_address[1]))
+    os.rename(args.port_file + ".tmp", args.port_file)
+server.serve_forever()

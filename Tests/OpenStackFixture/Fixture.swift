@@ -241,7 +241,6 @@ public final class TestProxy: @unchecked Sendable {
 
     /// In front of Glance, or of whatever `upstream` (a base URL) names.
     public init(settings: [String: Any] = [:], upstream: String = OpenStack.glanceURL) throws {
-        port = 20000 + Int.random(in: 0..<20000)
         let dir = NSTemporaryDirectory() + "imgconv-proxy-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         log = dir + "/requests.log"
@@ -250,15 +249,23 @@ public final class TestProxy: @unchecked Sendable {
         process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         let upstream = URL(string: upstream)!
-        process.arguments = ["python3", OpenStack.repository + "/scripts/test-proxy.py", "--listen", "\(port)",
+        // The kernel picks the port (a random one could be taken), and the proxy names it once it listens.
+        let portFile = dir + "/port"
+        process.arguments = ["python3", OpenStack.repository + "/scripts/test-proxy.py", "--listen", "0", "--port-file", portFile,
                              "--upstream", "\(upstream.host!):\(upstream.port!)", "--log", log, "--control", control]
-        try set(settings)
+        try JSONSerialization.data(withJSONObject: settings).write(to: URL(fileURLWithPath: control))
         try process.run()
-        for _ in 0..<100 {
-            if OpenStack.answers("\(url)/healthcheck") { return }
-            usleep(50_000)
+        let deadline = Date().addingTimeInterval(30)
+        var port: Int?
+        while port == nil && process.isRunning && Date() < deadline {
+            port = (try? String(contentsOfFile: portFile, encoding: .utf8)).flatMap { Int($0) }
+            if port == nil { usleep(20_000) }
         }
-        throw OpenStack.FixtureError("the test proxy did not start on \(port)")
+        guard let port else {
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            throw OpenStack.FixtureError("the test proxy did not start within 30 s")
+        }
+        self.port = port
     }
 
     public var url: String { "http://127.0.0.1:\(port)" }
