@@ -157,6 +157,15 @@ public struct Converter: Sendable {
         defer { buffers.forEach { $0.deallocate() } }
         let writer = DispatchQueue(label: "imgconv.convert.writer")
         let pendingWrite = DispatchGroup()
+        // However this returns (a read error, a cancellation), the writer finishes with the batch it has first:
+        // it writes from `buffers` (freed by the defer above, which runs after this one), and the caller aborts
+        // the sink as soon as this throws.
+        // It stops at the next window once this has failed.
+        let abandoned = Atomic<Bool>(false)
+        defer {
+            abandoned.store(true, ordering: .relaxed)
+            pendingWrite.wait()
+        }
         let writeError = Mutex<(any Error)?>(nil)
         var skipped: [(UInt64, UInt64)] = []
         let zeroSkipped = options.zeroSkippedRanges
@@ -213,7 +222,7 @@ public struct Converter: Sendable {
                     let (results, windows, sink) = batch.value
                     for (off, len) in holes { try sink.zero(at: off, length: len) }
                     for (w, r) in zip(windows, results) {
-                        if cancel() { throw SinkError.cancelled }
+                        if cancel() || abandoned.load(ordering: .relaxed) { throw SinkError.cancelled }
                         for (off, len) in r.zeros { try sink.zero(at: off, length: len) }
                         for run in r.runs { try sink.write(run) }
                         progress?(w.offset + UInt64(w.length), size)

@@ -1,3 +1,4 @@
+import Synchronization
 import Foundation
 import Testing
 @testable import Convert
@@ -131,6 +132,53 @@ struct ConvertTests {
         #expect(sink.outputFile?.fd == -1)
         sink.abort()
         #expect(FileManager.default.fileExists(atPath: dst))
+    }
+
+    /// A read error in one batch while the writer still stores the previous one: the converter waits for the
+    /// writer before it returns, so the sink is aborted after its last write and nothing writes into it (or
+    /// reads the freed buffers) afterwards.
+    @Test func anErrorWaitsForTheWriterBeforeTheSinkIsAborted() throws {
+        final class FailingStorage: ImageStorage, @unchecked Sendable {
+            let name = "failing", size: UInt64 = 8 << 20
+            func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, what: String) throws {
+                if offset >= 4 << 20 { throw ImageError.io(operation: "read", path: name, errno: EIO) }
+                for i in buffer.indices { buffer[i] = 1 }
+            }
+            func allocation(at offset: UInt64) throws -> (isData: Bool, end: UInt64) { (true, size) }
+            var allocatedBytes: UInt64? { nil }
+        }
+        final class FailingImage: DiskImage {
+            let format = ImageFormat.raw
+            let files: [any ImageStorage] = [FailingStorage()]
+            var virtualSize: UInt64 { 8 << 20 }
+            func segment(at offset: UInt64, until end: UInt64) throws -> Segment {
+                Segment(start: 0, length: virtualSize, mapping: .data(file: 0, host: 0))
+            }
+            func info() -> ImageInfo { ImageInfo(filename: "failing", format: .raw, virtualSize: virtualSize) }
+            func check() throws -> CheckResult { CheckResult(filename: "failing", format: .raw) }
+        }
+        final class SlowSink: ImageSink, @unchecked Sendable {
+            let unit = 4096
+            let events = Mutex<[String]>([])
+            func begin(virtualSize: UInt64) throws {}
+            func write(_ run: EncodedRun) throws {
+                usleep(100_000)
+                events.withLock { $0.append("write") }
+            }
+            func finish() throws { events.withLock { $0.append("finish") } }
+            func abort() { events.withLock { $0.append("abort") } }
+        }
+        var options = ConvertOptions()
+        options.workers = 1
+        let sink = SlowSink()
+        #expect(throws: ImageError.self) { try Converter(options: options).convert(FailingImage(), to: sink) }
+        let atReturn = sink.events.withLock { $0 }
+        usleep(500_000)
+        let later = sink.events.withLock { $0 }
+        #expect(atReturn.last == "abort", "\(atReturn)")
+        #expect(later == atReturn, "the writer went on after the converter returned: \(later)")
+        // The first batch was stored before the second was handed over; the second stops at its next window.
+        #expect((2...3).contains(later.filter { $0 == "write" }.count), "\(later)")
     }
 
     @Test func cancellationLeavesNothingBehind() throws {
