@@ -239,10 +239,6 @@ public enum ControlAPI {
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4"
             var text = await Metrics.render(cache: cache)
-            text += "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\n"
-            text += "process_resident_memory_bytes \(IdleTrim.residentBytes() ?? 0)\n"
-            text += "# HELP imgconv_memory_trims_total Times freed memory went back to the system after an idle interval.\n"
-            text += "# TYPE imgconv_memory_trims_total counter\nimgconv_memory_trims_total \(IdleTrim.count.load(ordering: .relaxed))\n"
             if let disks {
                 text += "# HELP imgconv_disks_total Boot-disk events by kind (clones by path, bases built, take-overs).\n# TYPE imgconv_disks_total counter\n"
                 for (name, value) in disks.backend.counters { text += "imgconv_disks_total{kind=\"\(name)\"} \(value)\n" }
@@ -253,7 +249,7 @@ public enum ControlAPI {
     }
 }
 
-/// Prometheus text exposition of the cache's counters.
+/// Prometheus text exposition of the cache's counters and the process's memory.
 enum Metrics {
     static func render(cache: ImageCache) async -> String {
         let m = await cache.metrics
@@ -283,6 +279,9 @@ enum Metrics {
         hist.append(("_count", "\(m.jobsFinished)"))
         out += "# HELP imgconv_job_duration_seconds Fetch job durations.\n# TYPE imgconv_job_duration_seconds histogram\n"
         for (suffix, v) in hist { out += "imgconv_job_duration_seconds\(suffix) \(v)\n" }
+        metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [("", "\(IdleTrim.residentBytes() ?? 0)")])
+        metric("imgconv_memory_trims_total", "counter", "Times freed memory went back to the system after an idle interval.",
+               [("", "\(IdleTrim.count.load(ordering: .relaxed))")])
         return out
     }
 }

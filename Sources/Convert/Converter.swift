@@ -157,10 +157,9 @@ public struct Converter: Sendable {
         defer { buffers.forEach { $0.deallocate() } }
         let writer = DispatchQueue(label: "imgconv.convert.writer")
         let pendingWrite = DispatchGroup()
-        // However this returns (a read error, a cancellation), the writer finishes with the batch it has first:
-        // it writes from `buffers` (freed by the defer above, which runs after this one), and the caller aborts
-        // the sink as soon as this throws.
-        // It stops at the next window once this has failed.
+        // However this returns (a read error, a cancellation), the writer is done first: it writes from `buffers`
+        // (freed by the defer above, which runs after this one), and the caller aborts the sink as soon as this
+        // throws. Once this has failed, the writer stops at its next window.
         let abandoned = Atomic<Bool>(false)
         defer {
             abandoned.store(true, ordering: .relaxed)

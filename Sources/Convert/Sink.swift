@@ -187,13 +187,10 @@ public final class OutputFile {
         if dfd >= 0 { _ = fsync(dfd); close(dfd) }
     }
 
-    /// Closes the descriptor, once: a second close could hit a descriptor another thread has opened since.
-    public func closeDescriptor() {
-        if fd >= 0 { close(fd); fd = -1 }
-    }
-
+    /// Closes the descriptor (once: a second close could hit a descriptor another thread has opened since) and
+    /// removes the temporary file, if any.
     public func discard() {
-        closeDescriptor()
+        if fd >= 0 { close(fd); fd = -1 }
         if let tmp = temporaryPath { unlink(tmp); temporaryPath = nil }
     }
 
@@ -269,5 +266,6 @@ public final class RawFileSink: ImageSink {
     }
 
     public func finish() throws { try file.commit() }
-    public func abort() { if inPlace { file.closeDescriptor() } else { file.discard() } }
+    /// In place there is no temporary file: the existing target is closed and stays.
+    public func abort() { file.discard() }
 }

@@ -85,28 +85,28 @@ public actor KeystoneAuth {
         req.headers.add(name: "Content-Type", value: "application/json")
         req.headers.add(name: "User-Agent", value: "imgconv-agent")
         req.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body())))
-        // Issuing a token is safe to repeat. Two more tries, 0.2 s then 0.4 s later, cover a pooled keep-alive
+        // Issuing a token is safe to repeat. Two retries, 0.2 s then 0.4 s later, cover a pooled keep-alive
         // connection the server had closed (gunicorn resets idle ones) and a 5xx from an overloaded Keystone
         // (its database busy): neither is a reason to fail a fetch. A 4xx is an answer, and final.
-        let attempts = 3
-        var response: HTTPClientResponse!
-        var data = ByteBuffer()
-        for attempt in 1...attempts {
+        let retry = RetryPolicy(attempts: 2, baseDelay: 0.2, maxDelay: 0.4)
+        var answer: (HTTPClientResponse, ByteBuffer)?
+        for attempt in 1...(1 + retry.attempts) {
+            let last = attempt > retry.attempts
+            let problem: String
             do {
-                response = try await http.execute(req, timeout: .seconds(30))
-                data = try await response.body.collect(upTo: 16 << 20)
+                let r = try await http.execute(req, timeout: .seconds(30))
+                answer = (r, try await r.body.collect(upTo: 16 << 20))
+                if r.status.code < 500 || last { break }
+                problem = "HTTP \(r.status.code)"
             } catch {
-                if attempt == attempts { throw GlanceError.transport(url: url, attempts: attempt, detail: "\(error)") }
-                try await Task.sleep(nanoseconds: 200_000_000 << (attempt - 1))
-                continue
+                if last { throw GlanceError.transport(url: url, attempts: attempt, detail: "\(error)") }
+                problem = "\(error)"
             }
-            if response.status.code >= 500 && attempt < attempts {
-                logger.warning("keystone answered with a server error; asking again", metadata: [
-                    "status": "\(response.status.code)", "attempt": "\(attempt)"])
-                try await Task.sleep(nanoseconds: 200_000_000 << (attempt - 1))
-                continue
-            }
-            break
+            logger.warning("keystone token request failed; asking again", metadata: ["reason": "\(problem)", "attempt": "\(attempt)"])
+            try await Task.sleep(nanoseconds: UInt64(retry.delay(attempt) * 1e9))
+        }
+        guard let (response, data) = answer else {
+            throw GlanceError.transport(url: url, attempts: 1 + retry.attempts, detail: "no response")
         }
         guard response.status == .created || response.status == .ok else {
             throw GlanceError.authentication(status: Int(response.status.code),

@@ -253,7 +253,7 @@ public final class TestProxy: @unchecked Sendable {
         let portFile = dir + "/port"
         process.arguments = ["python3", OpenStack.repository + "/scripts/test-proxy.py", "--listen", "0", "--port-file", portFile,
                              "--upstream", "\(upstream.host!):\(upstream.port!)", "--log", log, "--control", control]
-        try JSONSerialization.data(withJSONObject: settings).write(to: URL(fileURLWithPath: control))
+        try Self.write(settings, to: control)
         try process.run()
         let deadline = Date().addingTimeInterval(30)
         var port: Int?
@@ -270,7 +270,9 @@ public final class TestProxy: @unchecked Sendable {
 
     public var url: String { "http://127.0.0.1:\(port)" }
 
-    public func set(_ settings: [String: Any]) throws {
+    public func set(_ settings: [String: Any]) throws { try Self.write(settings, to: control) }
+
+    static func write(_ settings: [String: Any], to control: String) throws {
         try JSONSerialization.data(withJSONObject: settings).write(to: URL(fileURLWithPath: control))
     }
 
