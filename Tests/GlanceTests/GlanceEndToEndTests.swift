@@ -100,7 +100,9 @@ struct GlanceEndToEndTests {
         create.method = .POST
         create.headers.add(name: "X-Auth-Token", value: token)
         create.headers.add(name: "Content-Type", value: "application/json")
-        create.body = .bytes(.init(string: "{\"application_credential\":{\"name\":\"imgconv-\(UUID().uuidString.prefix(8))\"}}"))
+        // With the role the user holds named: by default Keystone copies every role of the token, implied ones
+        // (reader) included, and once refused one it found no direct assignment for (HTTP 400).
+        create.body = .bytes(.init(string: "{\"application_credential\":{\"name\":\"imgconv-\(UUID().uuidString.prefix(8))\",\"roles\":[{\"name\":\"member\"}]}}"))
         // Keystone's sqlite answers 5xx when this write overlaps another suite's: retried, as the fixture's
         // other writes are. A failure is recorded, never a crash of the whole test process.
         var created: [String: Any]?
