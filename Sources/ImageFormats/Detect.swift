@@ -12,7 +12,8 @@ public enum FormatDetector {
         let headLen = Int(min(storage.size, 4096))
         let head = try storage.readBytes(at: 0, count: headLen, what: "header")
         var found: [ImageFormat] = []
-        if head.hasPrefix(qcow2Magic) { found.append(.qcow2) }
+        // qcow version 1 shares the magic: it is a foreign format (ForeignImage.probe), not a qcow2.
+        if head.hasPrefix(qcow2Magic) && !(head.count >= 8 && head.be32(4) == 1) { found.append(.qcow2) }
         if head.hasPrefix(vmdkSparseMagic) || head.hasPrefix(vmdkCOWDMagic) || isVMDKDescriptor(head) {
             found.append(.vmdk)
         }

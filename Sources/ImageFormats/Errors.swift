@@ -21,6 +21,9 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
     case externalFile(format: ImageFormat, kind: String, name: String)
     /// The caller declared one format but the content is another.
     case formatMismatch(declared: ImageFormat, detected: ImageFormat)
+    /// The content is a format imgconv recognises but does not read (QED, VHDX, LUKS...); with `declared`, the
+    /// caller declared a readable format for it.
+    case unsupportedFormat(ForeignFormat, declared: ImageFormat?)
     /// Compressed data could not be decompressed into exactly one cluster or grain.
     case decompression(format: ImageFormat, offset: UInt64, reason: String)
     /// An unknown format name was given.
@@ -46,6 +49,12 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .formatMismatch(declared, detected):
             return "the image was declared as '\(declared.rawValue)' but its content is '\(detected.rawValue)'; "
                 + "refusing to read it as something else (fix the declared format)"
+        case let .unsupportedFormat(f, declared?):
+            return "the image was declared as '\(declared.rawValue)' but its content is \(f.displayName) ('\(f.rawValue)'), "
+                + "which imgconv does not read; refusing to read it as something else"
+        case let .unsupportedFormat(f, nil):
+            return "the image is \(f.displayName) ('\(f.rawValue)'), which imgconv recognises but does not read "
+                + "(it reads raw, qcow2, vmdk, vpc and vdi)"
         case let .decompression(format, offset, reason):
             return "\(format.rawValue): compressed data at offset \(offset) is corrupt: \(reason)"
         case let .unknownFormatName(name):

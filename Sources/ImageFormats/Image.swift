@@ -93,6 +93,13 @@ public protocol DiskImage: AnyObject, Sendable {
     /// A consistency check (qemu-img check).
     func check() throws -> CheckResult
 
+    /// What makes the image unsafe to convert apart from its structure: features that make a reader open other
+    /// files, or that imgconv will not interpret. Each format declares its own (default: none).
+    var featureReasons: [SafetyReason] { get }
+    /// Structural problems that make the image unsafe: by default every corruption `check()` reports; a format
+    /// may leave out what it knows to be harmless for reading (qcow2: refcounts that lazy refcounts left stale).
+    func structuralReasons() -> [SafetyReason]
+
     /// Reads virtual bytes; holes and zero runs read as zeros.
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
 }

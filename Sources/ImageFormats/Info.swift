@@ -27,7 +27,8 @@ public struct SnapshotInfo: Sendable, Equatable {
 /// What `imgconv info` reports: the same fields, keys and meanings as `qemu-img info --output=json`.
 public struct ImageInfo: Sendable {
     public var filename: String
-    public var format: ImageFormat
+    /// qemu-img's name of the format (`qcow2`, `vpc`; `qed` for a format imgconv only recognises).
+    public var formatName: String
     public var virtualSize: UInt64
     public var actualSize: UInt64?
     public var clusterSize: UInt64?
@@ -40,8 +41,12 @@ public struct ImageInfo: Sendable {
     public var specific: JSON?
 
     public init(filename: String, format: ImageFormat, virtualSize: UInt64) {
+        self.init(filename: filename, formatName: format.rawValue, virtualSize: virtualSize)
+    }
+
+    public init(filename: String, formatName: String, virtualSize: UInt64) {
         self.filename = filename
-        self.format = format
+        self.formatName = formatName
         self.virtualSize = virtualSize
     }
 
@@ -51,10 +56,10 @@ public struct ImageInfo: Sendable {
         p.append(("virtual-size", .uint(virtualSize)))
         p.append(("filename", .string(filename)))
         if let clusterSize { p.append(("cluster-size", .uint(clusterSize))) }
-        p.append(("format", .string(format.rawValue)))
+        p.append(("format", .string(formatName)))
         if let actualSize { p.append(("actual-size", .uint(actualSize))) }
         if encrypted { p.append(("encrypted", .bool(true))) }
-        if let specific { p.append(("format-specific", .object([("type", .string(format.rawValue)), ("data", specific)]))) }
+        if let specific { p.append(("format-specific", .object([("type", .string(formatName)), ("data", specific)]))) }
         if let backingFilename {
             p.append(("backing-filename", .string(backingFilename)))
             p.append(("full-backing-filename", .string(backingFilename)))
@@ -66,7 +71,7 @@ public struct ImageInfo: Sendable {
 
     /// The human form, laid out like qemu-img info's.
     public var human: String {
-        var out = "image: \(filename)\nfile format: \(format.rawValue)\n"
+        var out = "image: \(filename)\nfile format: \(formatName)\n"
         out += "virtual size: \(humanSize(virtualSize)) (\(virtualSize) bytes)\n"
         out += "disk size: \(actualSize.map(humanSize) ?? "unavailable")\n"
         if let clusterSize { out += "cluster_size: \(clusterSize)\n" }

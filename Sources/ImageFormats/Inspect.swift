@@ -13,37 +13,39 @@ public struct SafetyReason: Sendable, Equatable, CustomStringConvertible {
 
 /// The outcome of inspecting an image: the format it is, and whether it is safe to convert.
 public struct SafetyVerdict: Sendable {
+    /// The readable format the content is; nil when it could not be told, or is a foreign format.
     public var detected: ImageFormat?
+    /// A format imgconv recognises but does not read (then `detected` is nil and the verdict unsafe).
+    public var foreign: ForeignImage?
     /// Every signature found (more than one: a polyglot).
     public var signatures: [String]
     public var virtualSize: UInt64?
     public var reasons: [SafetyReason]
     public var safe: Bool { reasons.isEmpty }
+    /// qemu-img's name of what the content is: the readable format, or the foreign one.
+    public var formatName: String? { foreign?.format.rawValue ?? detected?.rawValue }
 
     public var json: JSON {
         .object([("safe", .bool(safe)), ("reasons", .array(reasons.map(\.json)))])
     }
 }
 
-/// The one inspection step every path goes through (CLI, agent, RBD import) before a byte is converted.
-/// Every image is hostile until inspected: detection by content, the declared format enforced, every table
-/// bounded (by opening it), features that make a reader touch other files refused, and the structure checked.
+/// The one inspection step every path goes through (CLI, agent, RBD import, Glance clone) before a byte is
+/// converted. Every image is hostile until inspected: detection by content, the declared format enforced, foreign
+/// formats refused, every table bounded (by opening it), the features each format declares unsafe refused
+/// (`DiskImage.featureReasons`), and the structure checked (`DiskImage.structuralReasons`).
 public enum ImageInspector {
-    /// Signatures of formats imgconv recognises but does not read (their presence alone is a reason).
-    static let foreign: [(String, Int, [UInt8])] = [
-        ("luks", 0, [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]),
-        ("qed", 0, Array("QED".utf8) + [0]),
-        ("vhdx", 0, Array("vhdxfile".utf8)),
-        ("iso9660", 0x8001, Array("CD001".utf8)),
-    ]
+    /// Signatures that do not make an image unreadable: an ISO 9660 volume is read as raw.
+    static let iso9660: (Int, [UInt8]) = (0x8001, Array("CD001".utf8))
 
-    /// Every signature in the content, readable formats first as `FormatDetector` orders them.
+    /// Every signature in the content: readable formats first as `FormatDetector` orders them, then foreign
+    /// formats, then iso9660.
     public static func signatures(_ storage: any ImageStorage) throws -> [String] {
         var found = try FormatDetector.candidates(storage).filter { $0 != .raw }.map(\.rawValue)
-        for (name, offset, magic) in foreign where storage.size >= UInt64(offset + magic.count) {
-            if try storage.readBytes(at: UInt64(offset), count: magic.count, what: "signature") == magic {
-                found.append(name)
-            }
+        found += try ForeignImage.probe(storage).map(\.format.rawValue)
+        if storage.size >= UInt64(iso9660.0 + iso9660.1.count),
+           try storage.readBytes(at: UInt64(iso9660.0), count: iso9660.1.count, what: "signature") == iso9660.1 {
+            found.append("iso9660")
         }
         return found
     }
@@ -56,8 +58,10 @@ public enum ImageInspector {
                                structural: Bool = true, extentOpener: ((String) throws -> any ImageStorage)? = nil)
         -> (verdict: SafetyVerdict, image: (any DiskImage)?) {
         var v = SafetyVerdict(detected: nil, signatures: [], virtualSize: nil, reasons: [])
+        let foreign: [ForeignImage]
         do {
             v.signatures = try signatures(storage)
+            foreign = try ForeignImage.probe(storage)
         } catch {
             v.reasons.append(SafetyReason("unreadable", "\(error)"))
             return (v, nil)
@@ -66,8 +70,18 @@ public enum ImageInspector {
             v.reasons.append(SafetyReason("multiple-formats",
                                           "multiple formats detected (\(v.signatures.joined(separator: ", "))): a polyglot file is read differently by different tools"))
         }
-        if let f = v.signatures.first(where: { s in foreign.contains { $0.0 == s } && s != "iso9660" }) {
-            v.reasons.append(SafetyReason("unsupported-format", "the content is \(f), which imgconv does not read"))
+        if let f = foreign.first {
+            // Never read as raw, and never as what was declared.
+            v.foreign = f
+            v.virtualSize = f.virtualSize
+            if let declared {
+                v.reasons.append(SafetyReason("format-mismatch",
+                                              "declared as \(declared.rawValue) but the content is \(f.format.displayName) (\(f.format.rawValue))"))
+            } else {
+                v.reasons.append(SafetyReason("unsupported-format",
+                                              "the content is \(f.format.displayName) (\(f.format.rawValue)), which imgconv recognises but does not read"))
+            }
+            return (v, nil)
         }
         let detected = v.signatures.compactMap { ImageFormat(rawValue: $0) }.first ?? .raw
         v.detected = detected
@@ -87,25 +101,25 @@ public enum ImageInspector {
             return (v, nil)
         }
         v.virtualSize = image.virtualSize
-        v.reasons += featureReasons(image)
-        if structural { v.reasons += structuralReasons(image) }
+        v.reasons += image.featureReasons
+        if structural { v.reasons += image.structuralReasons() }
         return (v, image)
     }
 
     /// Structure: metadata overlapping metadata or pointing outside the file (the image's own check).
     public static func structuralReasons(_ image: any DiskImage) -> [SafetyReason] {
-        do {
-            let r = try image.check()
-            if r.corruptions > 0 || r.checkErrors > 0 {
-                let first = r.messages.filter { $0.hasPrefix("ERROR") }.prefix(3).joined(separator: "; ")
-                return [SafetyReason("corrupt", "\(r.corruptions) structural errors: \(first)")]
-            }
-            return []
-        } catch let e as ImageError {
-            return [reason(for: e)]
-        } catch {
-            return [SafetyReason("corrupt", "\(error)")]
+        image.structuralReasons()
+    }
+
+    /// The structural verdict from a check result, leaving out `ignoring` corruptions (ones the format knows
+    /// to be harmless for reading, such as stale refcounts).
+    static func structuralReasons(_ r: CheckResult, ignoring: Int = 0) -> [SafetyReason] {
+        let serious = r.corruptions - ignoring
+        if serious > 0 || r.checkErrors > 0 {
+            let first = r.messages.filter { $0.hasPrefix("ERROR") }.prefix(3).joined(separator: "; ")
+            return [SafetyReason("corrupt", "\(serious) structural errors: \(first)")]
         }
+        return []
     }
 
     /// Opens and inspects a file; extent files are offered only when the options allow them.
@@ -129,56 +143,25 @@ public enum ImageInspector {
         case .invalidField: return SafetyReason("invalid", e.description)
         case .limitExceeded: return SafetyReason("limit", e.description)
         case .unsupported: return SafetyReason("unsupported", e.description)
+        case .unsupportedFormat: return SafetyReason("unsupported-format", e.description)
         case .externalFile: return SafetyReason("external-file", e.description)
         case .formatMismatch: return SafetyReason("format-mismatch", e.description)
         case .decompression: return SafetyReason("corrupt", e.description)
         case .io, .unknownFormatName, .outOfRange: return SafetyReason("unreadable", e.description)
         }
     }
+}
 
-    /// Features that make a reader look at other files, or that imgconv will not interpret.
-    static func featureReasons(_ image: any DiskImage) -> [SafetyReason] {
-        var out: [SafetyReason] = []
-        switch image {
-        case let q as QCOW2Image:
-            if let b = q.backingFile {
-                var why = "a backing file makes readers open another file"
-                if b.hasPrefix("json:") { why += " (a json: specification can name any protocol or file)" }
-                if b.contains("..") || b.hasPrefix("/") { why += " (the name leaves the image's directory)" }
-                out.append(SafetyReason("backing-file", "qcow2 backing_file '\(b)': \(why)"))
-            }
-            if let d = q.dataFile {
-                out.append(SafetyReason("data-file", "qcow2 external data_file '\(d)': guest data would be read from another file (CVE-2024-32498)"))
-            }
-            if q.encryptionMethod != 0 {
-                out.append(SafetyReason("encryption", "qcow2 encryption (\(q.encryptionMethod == 1 ? "AES" : "LUKS")) cannot be converted"))
-            }
-            if q.incompatibleFeatures & QCOW2Image.corruptBit != 0 {
-                out.append(SafetyReason("corrupt", "qcow2 header has the corrupt bit set"))
-            }
-        case let m as VMDKImage:
-            if !["monolithicSparse", "streamOptimized"].contains(m.createType) {
-                out.append(SafetyReason("vmdk-create-type", "unsupported subformat (createType \"\(m.createType)\"): only monolithicSparse and streamOptimized are safe; other types name extent files (CVE-2022-47951)"))
-            }
-            for e in m.extents {
-                if case .sparse = e.kind, !m.isDescriptorFile { continue }
-                out.append(SafetyReason("vmdk-extent", "the descriptor names extent file '\(e.fileName)'"))
-            }
-            out += m.descriptorProblems
-        case let p as VPCImage:
-            if p.diskType == VPCImage.differencing {
-                out.append(SafetyReason("vhd-parent", "a differencing VHD reads from parent '\(p.parentName ?? "")'"))
-            }
-            if p.hasParentLocators {
-                out.append(SafetyReason("vhd-parent-locator", "the dynamic header carries parent locators (host paths)"))
-            }
-        case let d as VDIImage:
-            if d.hasParent {
-                out.append(SafetyReason("vdi-parent", "the VDI names a parent image (UUID \(d.parentUUID.hex))"))
-            }
-        default:
-            break
+extension DiskImage {
+    public var featureReasons: [SafetyReason] { [] }
+
+    public func structuralReasons() -> [SafetyReason] {
+        do {
+            return ImageInspector.structuralReasons(try check())
+        } catch let e as ImageError {
+            return [ImageInspector.reason(for: e)]
+        } catch {
+            return [SafetyReason("corrupt", "\(error)")]
         }
-        return out
     }
 }

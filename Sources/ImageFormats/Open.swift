@@ -36,6 +36,7 @@ public enum ImageOpener {
     public static func open(storage: any ImageStorage, declared: ImageFormat? = nil,
                             options: OpenOptions = OpenOptions(),
                             extentOpener: ((String) throws -> any ImageStorage)? = nil) throws -> any DiskImage {
+        if let f = try ForeignImage.probe(storage).first { throw ImageError.unsupportedFormat(f.format, declared: declared) }
         let detected = try FormatDetector.detect(storage)
         let format = declared ?? detected
         if let declared, declared != detected {

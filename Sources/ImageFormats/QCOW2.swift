@@ -23,7 +23,7 @@ public final class QCOW2Image: DiskImage {
     public let bitmapDirectory: (offset: UInt64, size: UInt64, count: UInt32)?
 
     let l1Offset: UInt64
-    let l1: [UInt64]
+    let l1: OnDiskTable<UInt64>
     let refcountTableOffset: UInt64
     let refcountTableClusters: UInt32
     let snapshotsOffset: UInt64
@@ -47,6 +47,8 @@ public final class QCOW2Image: DiskImage {
     static let zeroFlag: UInt64 = 1
     // Incompatible feature bits.
     static let dirtyBit: UInt64 = 1 << 0
+    // Compatible feature bits.
+    static let lazyRefcountsBit: UInt64 = 1 << 0
     public static let corruptBit: UInt64 = 1 << 1
     static let dataFileBit: UInt64 = 1 << 2
     public static let compressionTypeBit: UInt64 = 1 << 3
@@ -55,6 +57,9 @@ public final class QCOW2Image: DiskImage {
     // Hard limits, as qemu's: a 32 MiB L1 table, 65536 snapshots, an 8 MiB refcount table.
     static let maxL1Bytes: UInt64 = 32 << 20
     static let maxSnapshots: UInt32 = 65536
+    /// The snapshot table is read whole into names and ids: bounded at 8 MiB (qemu allows 64 MiB; a real table
+    /// is a few KiB), so a forged one cannot cost memory.
+    static let maxSnapshotTableBytes: UInt64 = 8 << 20
     static let maxRefcountTableBytes: UInt64 = 8 << 20
 
     public init(storage: any ImageStorage, options: OpenOptions = OpenOptions()) throws {
@@ -132,9 +137,9 @@ public final class QCOW2Image: DiskImage {
             guard l1Offset % cs == 0 else { throw invalid("l1_table_offset", l1Offset, "not aligned to a cluster") }
             try storage.checkRange(offset: l1Offset, length: l1Bytes, what: "qcow2 L1 table")
         }
-        // Only the entries that map the virtual disk are kept; the rest of a larger table is never used.
-        let l1Raw = try storage.readBytes(at: l1Offset, count: Int(l1Needed) * 8, what: "qcow2 L1 table")
-        l1 = (0..<Int(l1Needed)).map { l1Raw.be64($0 * 8) }
+        // Only the entries that map the virtual disk are used (qemu leaves a larger table after a shrink); a large
+        // table is paged, not loaded.
+        l1 = try OnDiskTable(storage: storage, offset: l1Offset, count: Int(l1Needed), bigEndian: true, what: "qcow2 L1 table")
 
         refcountTableOffset = h.be64(48)
         refcountTableClusters = h.be32(56)
@@ -210,6 +215,10 @@ public final class QCOW2Image: DiskImage {
             guard extraSize <= 1024 else {
                 throw ImageError.limitExceeded(format: .qcow2, field: "snapshot extra_data_size", value: UInt64(extraSize), limit: 1024)
             }
+            let entryEnd = so - snapshotsOffset + UInt64(40 + extraSize + idSize + nameSize)
+            guard entryEnd <= Self.maxSnapshotTableBytes else {
+                throw ImageError.limitExceeded(format: .qcow2, field: "snapshot table size", value: entryEnd, limit: Self.maxSnapshotTableBytes)
+            }
             let rest = try storage.readBytes(at: so + 40, count: extraSize + idSize + nameSize, what: "qcow2 snapshot \(i)")
             var vmState = UInt64(e.be32(32))
             var icount: UInt64? = nil
@@ -260,7 +269,7 @@ public final class QCOW2Image: DiskImage {
         let l1i = Int(vcl >> UInt64(l2Bits))
         let l1Span = UInt64(1) << UInt64(l2Bits + clusterBits)
         let l1Start = UInt64(l1i) * l1Span
-        let l2Offset = l1[l1i] & Self.l1OffsetMask
+        let l2Offset = try l1[l1i] & Self.l1OffsetMask
         if l2Offset == 0 {
             return Segment(start: l1Start, length: min(l1Span, virtualSize - l1Start), mapping: .unallocated(host: nil))
         }
@@ -403,5 +412,44 @@ public final class QCOW2Image: DiskImage {
     public func check() throws -> CheckResult {
         var checker = QCOW2Checker(image: self)
         return try checker.run()
+    }
+
+    /// Set after a crash of a writer that used lazy refcounts: the refcounts are stale by design (qemu rebuilds
+    /// them on the next read-write open) and reads never use them.
+    public var refcountsMayBeStale: Bool {
+        incompatibleFeatures & Self.dirtyBit != 0 && compatibleFeatures & Self.lazyRefcountsBit != 0
+    }
+
+    public var featureReasons: [SafetyReason] {
+        var out: [SafetyReason] = []
+        if let b = backingFile {
+            var why = "a backing file makes readers open another file"
+            if b.hasPrefix("json:") { why += " (a json: specification can name any protocol or file)" }
+            if b.contains("..") || b.hasPrefix("/") { why += " (the name leaves the image's directory)" }
+            out.append(SafetyReason("backing-file", "qcow2 backing_file '\(b)': \(why)"))
+        }
+        if let d = dataFile {
+            out.append(SafetyReason("data-file", "qcow2 external data_file '\(d)': guest data would be read from another file (CVE-2024-32498)"))
+        }
+        if encryptionMethod != 0 {
+            out.append(SafetyReason("encryption", "qcow2 encryption (\(encryptionMethod == 1 ? "AES" : "LUKS")) cannot be converted"))
+        }
+        if incompatibleFeatures & Self.corruptBit != 0 {
+            out.append(SafetyReason("corrupt", "qcow2 header has the corrupt bit set"))
+        }
+        return out
+    }
+
+    /// Refcount mismatches do not count when the refcounts may be stale; overlaps between metadata and anything
+    /// else, and pointers out of the file, still do.
+    public func structuralReasons() -> [SafetyReason] {
+        do {
+            let r = try check()
+            return ImageInspector.structuralReasons(r, ignoring: refcountsMayBeStale ? r.refcountErrors : 0)
+        } catch let e as ImageError {
+            return [ImageInspector.reason(for: e)]
+        } catch {
+            return [SafetyReason("corrupt", "\(error)")]
+        }
     }
 }

@@ -10,7 +10,7 @@ public final class VDIImage: DiskImage {
     public let linkUUID: [UInt8]
     let blockMapOffset: UInt64
     let dataOffset: UInt64
-    let blockMap: [UInt32]
+    let blockMap: OnDiskTable<UInt32>
 
     static let unallocated: UInt32 = 0xffff_ffff
     static let discarded: UInt32 = 0xffff_fffe
@@ -50,6 +50,11 @@ public final class VDIImage: DiskImage {
         guard diskSize <= blocks * blockSize else {
             throw invalid("disk size", diskSize, "larger than \(blocks) blocks of \(blockSize) bytes")
         }
+        // The block map is sized by the disk, never by what the header claims beyond it.
+        let neededBlocks = divRoundUp(h.le64(368), blockSize)
+        guard blocks <= neededBlocks else {
+            throw invalid("blocks in image", blocks, "the block map is larger than a disk of \(h.le64(368)) bytes needs (\(neededBlocks) blocks)")
+        }
         if diskSize > options.maxVirtualSize {
             throw ImageError.limitExceeded(format: .vdi, field: "disk size", value: diskSize, limit: options.maxVirtualSize)
         }
@@ -60,26 +65,31 @@ public final class VDIImage: DiskImage {
         parentUUID = Array(h[440..<456])
         virtualSize = diskSize
         try storage.checkRange(offset: blockMapOffset, length: blocks * 4, what: "vdi block map")
-        let needed = Int(divRoundUp(diskSize, blockSize))
-        let raw = try storage.readBytes(at: blockMapOffset, count: needed * 4, what: "vdi block map")
-        blockMap = (0..<needed).map { raw.le32($0 * 4) }
+        blockMap = try OnDiskTable(storage: storage, offset: blockMapOffset, count: Int(divRoundUp(diskSize, blockSize)),
+                                   bigEndian: false, what: "vdi block map")
         files = [storage]
     }
 
     public var hasParent: Bool { parentUUID.contains { $0 != 0 } }
 
+    /// A differencing VDI reads from its parent.
+    public var featureReasons: [SafetyReason] {
+        hasParent ? [SafetyReason("vdi-parent", "the VDI names a parent image (UUID \(parentUUID.hex))")] : []
+    }
+
     public func segment(at offset: UInt64, until until_: UInt64) throws -> Segment {
         let bi = Int(offset / blockSize)
-        let e = blockMap[bi]
-        var end = bi + 1
+        let e = try blockMap[bi]
         let start = UInt64(bi) * blockSize
+        let limit = min(blockMap.count, Int(min(divRoundUp(until_, blockSize), UInt64(Int.max))))
+        var end = bi + 1
         if e >= Self.discarded {
-            while end < blockMap.count && blockMap[end] == e && UInt64(end) * blockSize < until_ { end += 1 }
+            end = try blockMap.firstIndex(from: end, to: limit, notEqualTo: e) ?? max(end, limit)
             let len = min(UInt64(end) * blockSize, virtualSize) - start
             return Segment(start: start, length: len, mapping: e == Self.discarded || !hasParent ? .zero(host: nil) : .unallocated(host: nil))
         }
         let host = dataOffset + UInt64(e) * blockSize
-        while end < blockMap.count && blockMap[end] == e &+ UInt32(end - bi) && UInt64(end) * blockSize < until_ { end += 1 }
+        while end < limit, try blockMap[end] == e &+ UInt32(end - bi) { end += 1 }
         let len = min(UInt64(end) * blockSize, virtualSize) - start
         try files[0].checkRange(offset: host, length: len, what: "vdi data block \(bi)")
         return Segment(start: start, length: len, mapping: .data(file: 0, host: host))
@@ -92,17 +102,20 @@ public final class VDIImage: DiskImage {
         return i
     }
 
+    /// Every data block inside the file, none shared with another block or with the header or the map (two
+    /// entries naming one data block overlap).
     public func check() throws -> CheckResult {
         var r = CheckResult(filename: files[0].name, format: .vdi)
-        var ranges = HostRangeChecker(fileSize: files[0].size)
-        ranges.add("header", offset: 0, length: 512)
-        ranges.add("block map", offset: blockMapOffset, length: UInt64(blockMap.count) * 4)
-        var seen = Set<UInt32>()
-        for (i, e) in blockMap.enumerated() where e < Self.discarded {
-            if !seen.insert(e).inserted { r.corruption("block \(i) maps to data block \(e), which another block also uses") }
-            ranges.add("data block", i, offset: dataOffset + UInt64(e) * blockSize, length: blockSize)
+        try HostRangeChecker.run(fileSize: files[0].size, into: &r) { c in
+            try c.add("header", offset: 0, length: 512)
+            try c.add("block map", offset: blockMapOffset, length: UInt64(blockMap.count) * 4)
+            try blockMap.forEach(notEqualTo: Self.unallocated) { i, e in
+                if e < Self.discarded {
+                    try c.add("data block", i, offset: dataOffset + UInt64(e) * blockSize, length: blockSize)
+                }
+                return true
+            }
         }
-        ranges.report(into: &r)
         return r
     }
 }

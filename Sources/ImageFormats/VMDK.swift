@@ -133,6 +133,20 @@ public final class VMDKImage: DiskImage {
         virtualSize = pos
     }
 
+    /// Only monolithicSparse and streamOptimized are read from one file; every other create type, and any
+    /// extent in a descriptor file, names other files (CVE-2022-47951).
+    public var featureReasons: [SafetyReason] {
+        var out: [SafetyReason] = []
+        if !["monolithicSparse", "streamOptimized"].contains(createType) {
+            out.append(SafetyReason("vmdk-create-type", "unsupported subformat (createType \"\(createType)\"): only monolithicSparse and streamOptimized are safe; other types name extent files (CVE-2022-47951)"))
+        }
+        for e in extents {
+            if case .sparse = e.kind, !isDescriptorFile { continue }
+            out.append(SafetyReason("vmdk-extent", "the descriptor names extent file '\(e.fileName)'"))
+        }
+        return out + descriptorProblems
+    }
+
     /// What a strict reading of the descriptor objects to (the inspection step reports these).
     public var descriptorProblems: [SafetyReason] {
         var out: [SafetyReason] = []
@@ -325,7 +339,7 @@ public struct SparseExtent: Sendable {
     public let gdOffset: UInt64
     public let embeddedDescriptor: String?
     public let descriptorRange: (UInt64, UInt64)
-    let gd: [UInt32]
+    let gd: OnDiskTable<UInt32>
     let gtCache: TableCache<[UInt32]>
     var isStreamOptimized: Bool { isCompressed && hasMarkers }
     var gtSpan: UInt64 { grainBytes * UInt64(gtes) }
@@ -333,6 +347,9 @@ public struct SparseExtent: Sendable {
 
     static let gdAtEnd = UInt64.max
     static let maxGrainSectors: UInt64 = 4096  // 2 MiB: the largest grain imgconv decompresses in one piece
+    /// qemu's limit on grain directory entries (32 Mi: 8 TiB with 512-byte grains and 512-entry tables, far past
+    /// the 2 TiB hosted sparse extents hold).
+    static let maxGDEntries: UInt64 = 32 << 20
 
     init(storage: any ImageStorage, fileIndex: Int, options: OpenOptions) throws {
         func invalid(_ f: String, _ v: Any, _ r: String) -> ImageError {
@@ -409,22 +426,23 @@ public struct SparseExtent: Sendable {
             // qemu then treats the embedded text as a descriptor and opens its extents: the way host files leak.
             throw ImageError.unsupported(format: .vmdk, feature: "a sparse header with capacity 0 and an embedded descriptor")
         }
-        // Grain directory: one entry per grain table, checked against the file before it is read.
+        // Grain directory: one entry per grain table the capacity needs, bounded, checked against the file, and
+        // paged when it is large (OnDiskTable).
         let gdEntries = divRoundUp(capacity, grainBytes * UInt64(gtes))
-        let (gdBytes, of2) = (gdEntries * 4).multipliedReportingOverflow(by: 1)
+        guard gdEntries <= Self.maxGDEntries else {
+            throw ImageError.limitExceeded(format: .vmdk, field: "grain directory entries", value: gdEntries, limit: Self.maxGDEntries)
+        }
         let (gdByteOffset, of3) = gdOffset.multipliedReportingOverflow(by: 512)
-        if of2 || of3 { throw invalid("gdOffset", gdOffset, "overflows") }
-        try storage.checkRange(offset: gdByteOffset, length: gdBytes, what: "vmdk grain directory")
-        let raw = try storage.readBytes(at: gdByteOffset, count: Int(gdBytes), what: "vmdk grain directory")
-        gd = (0..<Int(gdEntries)).map { raw.le32($0 * 4) }
+        if of3 { throw invalid("gdOffset", gdOffset, "overflows") }
+        gd = try OnDiskTable(storage: storage, offset: gdByteOffset, count: Int(gdEntries), bigEndian: false,
+                             what: "vmdk grain directory")
         gtCache = TableCache(capacityBytes: options.metadataCacheBytes, tableBytes: gtes * 4)
     }
 
     func grainTable(_ gdi: Int, storage: any ImageStorage) throws -> [UInt32] {
-        let off = UInt64(gd[gdi]) * 512
+        let off = UInt64(try gd[gdi]) * 512
         return try gtCache.table(at: off) {
-            let raw = try storage.readBytes(at: off, count: gtes * 4, what: "vmdk grain table")
-            return (0..<gtes).map { raw.le32($0 * 4) }
+            try OnDiskTable<UInt32>.load(storage, at: off, count: gtes, bigEndian: false, what: "vmdk grain table")
         }
     }
 
@@ -433,7 +451,7 @@ public struct SparseExtent: Sendable {
         let storage = files[fileIndex]
         let gi = rel / grainBytes
         let gdi = Int(gi / UInt64(gtes))
-        if gd[gdi] == 0 {
+        if try gd[gdi] == 0 {
             let start = UInt64(gdi) * gtSpan
             return Segment(start: start, length: min(gtSpan, capacity - start), mapping: .unallocated(host: nil))
         }
@@ -502,41 +520,43 @@ public struct SparseExtent: Sendable {
         }
     }
 
-    /// Every table and grain inside the file, none overlapping another.
+    /// Every table and grain inside the file, none overlapping another. Grain tables are read into one buffer,
+    /// not the cache (an inspection must not grow the cache to its limit), and a table whose range overlaps one
+    /// already seen is not walked: forged directories point every entry at one table to multiply the work.
     func check(file storage: any ImageStorage, into r: inout CheckResult) throws {
-        var ranges = HostRangeChecker(fileSize: storage.size)
-        ranges.add("header", offset: 0, length: 512)
-        if descriptorRange.1 > 0 { ranges.add("embedded descriptor", offset: descriptorRange.0, length: descriptorRange.1) }
-        ranges.add("grain directory", offset: gdOffset * 512, length: UInt64(gd.count) * 4)
-        var seenGT = Set<UInt32>()
-        for (gdi, entry) in gd.enumerated() where entry != 0 {
-            let gtOff = UInt64(entry) * 512
-            // Each grain table once: forged directories point every entry at one table to multiply the work.
-            if !seenGT.insert(entry).inserted {
-                r.corruption("grain directory entry \(gdi) reuses the grain table at offset \(gtOff)")
-                continue
-            }
-            ranges.add("grain table", gdi, offset: gtOff, length: UInt64(gtes) * 4)
-            guard fits(gtOff, UInt64(gtes) * 4, in: storage.size) else { continue }
-            let gt = try grainTable(gdi, storage: storage)
-            for (k, gte) in gt.enumerated() where gte != 0 && !(gte == 1 && zeroedGrainFlag) {
-                let gi = UInt64(gdi * gtes + k)
-                guard gi * grainBytes < capacity else {
-                    r.corruption("grain table \(gdi) entry \(k) maps a grain past the capacity"); continue
-                }
-                let host = UInt64(gte) * 512
-                if isCompressed {
-                    do {
-                        let (off, size) = try compressedRange(host: host, storage: storage)
-                        ranges.add("compressed grain", Int(gi), offset: host, length: off - host + size)
-                    } catch {
-                        r.corruption("compressed grain \(gi) at offset \(host): \(error)")
+        try HostRangeChecker.run(fileSize: storage.size, into: &r) { c in
+            try c.add("header", offset: 0, length: 512)
+            if descriptorRange.1 > 0 { try c.add("embedded descriptor", offset: descriptorRange.0, length: descriptorRange.1) }
+            try c.add("grain directory", offset: gdOffset * 512, length: UInt64(gd.count) * 4)
+            try gd.forEach(notEqualTo: 0) { next, entry in
+                let gtOff = UInt64(entry) * 512
+                guard try c.add("grain table", next, offset: gtOff, length: UInt64(gtes) * 4) else { return true }
+                let gt = try OnDiskTable<UInt32>.load(storage, at: gtOff, count: gtes, bigEndian: false, what: "vmdk grain table")
+                try gt.withUnsafeBufferPointer { b in
+                    var k = 0
+                    while let found = OnDiskTable<UInt32>.firstIndex(in: b, from: k, notEqualTo: 0) {
+                        k = found + 1
+                        let gte = b[found]
+                        if gte == 1 && zeroedGrainFlag { continue }
+                        let gi = UInt64(next * gtes + found)
+                        guard gi * grainBytes < capacity else {
+                            try c.corruption("grain table \(next) entry \(found) maps a grain past the capacity"); continue
+                        }
+                        let host = UInt64(gte) * 512
+                        if isCompressed {
+                            do {
+                                let (off, size) = try compressedRange(host: host, storage: storage)
+                                try c.add("compressed grain", Int(gi), offset: host, length: off - host + size)
+                            } catch let e as ImageError {
+                                try c.corruption("compressed grain \(gi) at offset \(host): \(e)")
+                            }
+                        } else {
+                            try c.add("grain", Int(gi), offset: host, length: min(grainBytes, capacity - gi * grainBytes))
+                        }
                     }
-                } else {
-                    ranges.add("grain", Int(gi), offset: host, length: min(grainBytes, capacity - gi * grainBytes))
                 }
+                return true
             }
         }
-        ranges.report(into: &r)
     }
 }

@@ -14,7 +14,10 @@ public final class VPCImage: DiskImage {
     /// Dynamic and differencing disks.
     let blockSize: UInt64
     let bitmapBytes: UInt64
-    let bat: [UInt32]
+    let bat: OnDiskTable<UInt32>?
+    /// Entries the header declares (the table on disk may be longer than the disk needs only up to what
+    /// current_size needs).
+    let batEntries: UInt64
     let batOffset: UInt64
     let dynamicHeaderOffset: UInt64
     let bitmapCache: TableCache<[UInt8]>
@@ -87,7 +90,7 @@ public final class VPCImage: DiskImage {
             guard virtualSize <= size - 512 else {
                 throw ImageError.pastEndOfFile(what: "vhd fixed disk data", offset: 0, length: virtualSize, fileSize: size)
             }
-            blockSize = 0; bitmapBytes = 0; bat = []; batOffset = 0; dynamicHeaderOffset = 0
+            blockSize = 0; bitmapBytes = 0; bat = nil; batEntries = 0; batOffset = 0; dynamicHeaderOffset = 0
             parentName = nil; parentUUID = nil; hasParentLocators = false
             bitmapCache = TableCache(capacityBytes: 0, tableBytes: 1)
             return
@@ -105,16 +108,19 @@ public final class VPCImage: DiskImage {
         guard entries * bs >= virtualSize else {
             throw invalid("max table entries", entries, "the BAT covers less than the virtual size \(virtualSize)")
         }
-        guard entries <= Self.maxSectors * 512 / bs + 1 else {
-            throw ImageError.limitExceeded(format: .vpc, field: "max table entries", value: entries, limit: Self.maxSectors * 512 / bs + 1)
+        // The table is sized by the disk: the larger of the geometry's size and current_size (Virtual PC sizes
+        // the BAT by current_size and the disk by its geometry), never by what the header claims beyond that.
+        let declaredBytes = max(virtualSize, min(footer.be64(48), Self.maxSectors * 512))
+        let allowed = max(divRoundUp(declaredBytes, bs), divRoundUp(virtualSize, bs))
+        guard entries <= allowed else {
+            throw invalid("max table entries", entries, "the BAT is larger than a disk of \(declaredBytes) bytes needs (\(allowed) entries of \(bs) bytes)")
         }
+        batEntries = entries
         batOffset = d.be64(16)
-        // Only the entries that map the virtual disk are read; the count was bounded above and is checked
-        // against the file before allocation.
-        let needed = Int(divRoundUp(virtualSize, bs))
+        // Only the entries that map the virtual disk are used; the whole declared table must lie in the file.
         try storage.checkRange(offset: batOffset, length: entries * 4, what: "vhd block allocation table")
-        let raw = try storage.readBytes(at: batOffset, count: needed * 4, what: "vhd block allocation table")
-        bat = (0..<needed).map { raw.be32($0 * 4) }
+        bat = try OnDiskTable(storage: storage, offset: batOffset, count: Int(divRoundUp(virtualSize, bs)), bigEndian: true,
+                              what: "vhd block allocation table")
         hasParentLocators = (0..<8).contains { d.be32(576 + $0 * 24) != 0 }
         if diskType == Self.differencing {
             parentUUID = Array(d[40..<56])
@@ -137,14 +143,15 @@ public final class VPCImage: DiskImage {
             let len = max(1, min(end, virtualSize) - offset)
             return Segment(start: offset, length: len, mapping: isData ? .data(file: 0, host: offset) : .zero(host: offset))
         }
+        let bat = self.bat!
         let bi = Int(offset / blockSize)
         let blockStart = UInt64(bi) * blockSize
         let blockLen = min(blockSize, virtualSize - blockStart)
-        let entry = bat[bi]
+        let entry = try bat[bi]
         if entry == Self.unallocated {
             // Merge runs of unallocated blocks so a huge empty disk maps in few steps.
-            var end = bi + 1
-            while end < bat.count && bat[end] == Self.unallocated && UInt64(end) * blockSize < until_ { end += 1 }
+            let limit = min(bat.count, Int(min(divRoundUp(until_, blockSize), UInt64(Int.max))))
+            let end = try bat.firstIndex(from: bi + 1, to: limit, notEqualTo: Self.unallocated) ?? max(bi + 1, limit)
             return Segment(start: blockStart, length: min(UInt64(end) * blockSize, virtualSize) - blockStart,
                            mapping: absent)
         }
@@ -169,6 +176,18 @@ public final class VPCImage: DiskImage {
                        mapping: p ? .data(file: 0, host: host) : absent)
     }
 
+    /// A differencing disk reads from its parent; parent locators hold host paths.
+    public var featureReasons: [SafetyReason] {
+        var out: [SafetyReason] = []
+        if diskType == Self.differencing {
+            out.append(SafetyReason("vhd-parent", "a differencing VHD reads from parent '\(parentName ?? "")'"))
+        }
+        if hasParentLocators {
+            out.append(SafetyReason("vhd-parent-locator", "the dynamic header carries parent locators (host paths)"))
+        }
+        return out
+    }
+
     public func info() -> ImageInfo {
         var i = ImageInfo(filename: files[0].name, format: .vpc, virtualSize: virtualSize)
         i.actualSize = files[0].allocatedBytes
@@ -177,19 +196,22 @@ public final class VPCImage: DiskImage {
         return i
     }
 
+    /// Every block (its sector bitmap and data) inside the file, none overlapping another block, the headers,
+    /// the BAT or the footer.
     public func check() throws -> CheckResult {
         var r = CheckResult(filename: files[0].name, format: .vpc)
-        guard diskType != Self.fixed else { return r }
+        guard diskType != Self.fixed, let bat else { return r }
         let size = files[0].size
-        var ranges = HostRangeChecker(fileSize: size)
-        ranges.add("footer copy", offset: 0, length: 512)
-        ranges.add("dynamic disk header", offset: dynamicHeaderOffset, length: 1024)
-        ranges.add("block allocation table", offset: batOffset, length: UInt64(bat.count) * 4)
-        for (i, e) in bat.enumerated() where e != Self.unallocated {
-            ranges.add("block", i, offset: UInt64(e) * 512, length: bitmapBytes + blockSize)
+        try HostRangeChecker.run(fileSize: size, into: &r) { c in
+            try c.add("footer copy", offset: 0, length: 512)
+            try c.add("dynamic disk header", offset: dynamicHeaderOffset, length: 1024)
+            try c.add("block allocation table", offset: batOffset, length: batEntries * 4)
+            try c.add("footer", offset: size - 512, length: 512)
+            try bat.forEach(notEqualTo: Self.unallocated) { i, e in
+                try c.add("block", i, offset: UInt64(e) * 512, length: bitmapBytes + blockSize)
+                return true
+            }
         }
-        ranges.add("footer", offset: size - 512, length: 512)
-        ranges.report(into: &r)
         return r
     }
 }

@@ -106,8 +106,13 @@ struct Info: ParsableCommand {
     func run() throws {
         // The inspection opens the image; open it here only when the inspection could not (to report why).
         let (verdict, opened) = ImageInspector.inspect(path: file, declared: try source.declared, options: try source.openOptions)
-        let image = try opened ?? source.open(file)
-        var info = image.info()
+        var info: ImageInfo
+        if let foreign = verdict.foreign, try source.declared == nil {
+            // A format imgconv recognises but does not read: named as qemu-img names it, and unsafe.
+            info = foreign.info(filename: file, actualSize: try? FileStorage(path: file).allocatedBytes)
+        } else {
+            info = try (opened ?? source.open(file)).info()
+        }
         info.filename = file
         switch output {
         case .json:
@@ -136,13 +141,13 @@ struct Inspect: ParsableCommand {
         switch output {
         case .json:
             var pairs: [(String, JSON)] = [("filename", .string(file))]
-            if let f = v.detected { pairs.append(("format", .string(f.rawValue))) }
+            if let f = v.formatName { pairs.append(("format", .string(f))) }
             if let s = v.virtualSize { pairs.append(("virtual-size", .uint(s))) }
             pairs.append(("signatures", .array(v.signatures.map { .string($0) })))
             pairs.append(("safety", v.json))
             print(JSON.object(pairs).pretty())
         case .human:
-            print("\(file): \(v.detected?.rawValue ?? "unknown")" + (v.virtualSize.map { ", \($0) bytes" } ?? "") + ": "
+            print("\(file): \(v.formatName ?? "unknown")" + (v.virtualSize.map { ", \($0) bytes" } ?? "") + ": "
                   + (v.safe ? "safe" : "UNSAFE"))
             for r in v.reasons { print("    \(r)") }
         }
@@ -205,7 +210,7 @@ struct Check: ParsableCommand {
             // Metadata so broken that the image cannot be opened or walked is a corruption, not a tool error,
             // unless it is an I/O error or a refusal.
             switch e {
-            case .io, .unknownFormatName, .formatMismatch, .externalFile, .unsupported: throw e
+            case .io, .unknownFormatName, .formatMismatch, .externalFile, .unsupported, .unsupportedFormat: throw e
             default:
                 let fmt = (try? source.format.map { try ImageFormat(name: $0) }) ?? nil
                 result = CheckResult(filename: file, format: fmt ?? .raw)

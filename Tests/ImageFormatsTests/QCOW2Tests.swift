@@ -19,8 +19,8 @@ struct QCOW2Tests {
         #expect(imageError { _ = try openMemory(patched { $0.putBE32(20, 22) }) }
             == .invalidField(format: .qcow2, field: "cluster_bits", value: "22", reason: "must be between 9 and 21 (512 B to 2 MiB)"))
         #expect(imageError { _ = try openMemory(patched { $0.putBE32(20, 8) }) } != nil)
-        #expect(imageError { _ = try openMemory(patched { $0.putBE32(4, 1) }) }
-            == .unsupported(format: .qcow2, feature: "legacy qcow version 1"))
+        #expect(imageError { _ = try openMemory(patched { $0.putBE32(4, 1) }) } == .unsupportedFormat(.qcow, declared: nil))
+        #expect(imageError { _ = try openMemory(patched { $0.putBE32(4, 1) }, .qcow2) } == .unsupportedFormat(.qcow, declared: .qcow2))
         #expect(imageError { _ = try openMemory(patched { $0.putBE32(4, 4) }) } != nil)
         #expect(imageError { _ = try openMemory(patched { $0.putBE64(72, 1 << 10) }) }
             == .unsupported(format: .qcow2, feature: "unknown incompatible feature bits 0x400"))

@@ -14,7 +14,13 @@ struct VDITests {
         #expect(imageError { _ = try openMemory(b, .vdi) }
             == .limitExceeded(format: .vdi, field: "blocks in image", value: 0x7fff_ffff, limit: 0x3fff_ffff))
         b = good
-        b.putLE32(384, 0x0100_0000)  // 16 Mi blocks: a 64 MiB block map the file does not hold
+        b.putLE32(384, b.le32(384) + 1)  // one block more than the disk needs
+        if case .invalidField(_, let field, _, _) = imageError({ _ = try openMemory(b, .vdi) }) {
+            #expect(field == "blocks in image")
+        } else { Issue.record("expected invalidField") }
+        b = good
+        b.putLE32(384, 0x0100_0000)  // 16 Mi blocks for a 16 TiB disk: a 64 MiB block map the file does not hold
+        b.putLE64(368, 16 << 40)
         if case .pastEndOfFile(let what, _, _, _) = imageError({ _ = try openMemory(b, .vdi) }) {
             #expect(what == "vdi block map")
         } else { Issue.record("expected pastEndOfFile") }

@@ -178,7 +178,7 @@ struct SafetyTests {
         #expect(!(try variant([(0x48, [0x01])])).safe)  // highest-order incompatible bit: unknown
         #expect(try variant([(0x4f, [0x01])]).safe)  // the dirty bit is known
         #expect(!(try variant([(0x4f, [0x80])])).safe)  // bit 7: not assigned
-        #expect(codes(try variant([(0x07, [0x01])])) == ["unsupported"])  // qcow v1
+        #expect(codes(try variant([(0x07, [0x01])])) == ["format-mismatch"])  // qcow v1: another format, not a qcow2
         #expect(!(try variant([(0x07, [0x04])])).safe)  // version 4
         // Version 2 has no feature fields: the same bytes there mean nothing.
         let v2 = dir + "/v2.qcow2"
