@@ -4,6 +4,7 @@
 // Layering (arrows point one way):
 //   imgconv (CLI) -> Agent -> Disks -> RBD -> CCeph (librbd, librados)
 //                            Disks -> Cache -> Glance (AsyncHTTPClient), Convert -> ImageFormats -> CZlib/CZstd/CDeflate
+//   and at the bottom SystemIO (syscall wrappers, output files, the blocking executor), under all of them.
 // ImageFormats depends on no networking, Ceph or daemon code so it can be fuzzed and reused.
 import Foundation
 import PackageDescription
@@ -36,15 +37,18 @@ let package = Package(
         .systemLibrary(name: "CCeph", path: "Sources/CCeph"),
         // The system libcrypto (Debian libssl-dev), for image digests only.
         .systemLibrary(name: "CLibCrypto", path: "Sources/CLibCrypto"),
+        // Thin typed wrappers over the system calls everything above makes: output files (explicit modes, fsync and
+        // rename), file-system helpers, and the executor that keeps blocking work off actors and the cooperative pool.
+        .target(name: "SystemIO", cSettings: [.define("_GNU_SOURCE")], swiftSettings: gnuSource),
         .target(
             name: "ImageFormats",
-            dependencies: ["CZlib", "CZstd", "CDeflate"],
+            dependencies: ["SystemIO", "CZlib", "CZstd", "CDeflate"],
             cSettings: [.define("_GNU_SOURCE")],
             swiftSettings: gnuSource
         ),
         .target(
             name: "Convert",
-            dependencies: ["ImageFormats", "CZlib", "CZstd", "CDeflate", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["SystemIO", "ImageFormats", "CZlib", "CZstd", "CDeflate", .product(name: "Logging", package: "swift-log")],
             swiftSettings: gnuSource
         ),
         // Glance v2 + Keystone v3 client: networking lives here, never in ImageFormats or Convert.
@@ -61,7 +65,7 @@ let package = Package(
         .target(
             name: "Cache",
             dependencies: [
-                "Glance", "Convert", "ImageFormats",
+                "SystemIO", "Glance", "Convert", "ImageFormats",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
@@ -70,13 +74,13 @@ let package = Package(
             swiftSettings: gnuSource
         ),
         // Typed Swift over librados/librbd: connect, images, aio writes, snapshots, clones, leases.
-        .target(name: "RBD", dependencies: ["CCeph", "ImageFormats"]),
+        .target(name: "RBD", dependencies: ["CCeph", "SystemIO", "ImageFormats"]),
         // Instance boot disks: RBD clones (from Glance's own rbd location, or from a shared base built once per
         // image, cluster-wide) and local qcow2 overlays on a raw base.
         .target(
             name: "Disks",
             dependencies: [
-                "RBD", "Cache", "Convert", "Glance", "ImageFormats",
+                "SystemIO", "RBD", "Cache", "Convert", "Glance", "ImageFormats",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: gnuSource
@@ -85,7 +89,7 @@ let package = Package(
         .target(
             name: "Agent",
             dependencies: [
-                "Cache", "Glance", "Disks", "RBD",
+                "SystemIO", "Cache", "Glance", "Disks", "RBD",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -108,6 +112,7 @@ let package = Package(
         .target(name: "FuzzKit", dependencies: ["ImageFormats"]),
         .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "FuzzKit"]),
         .testTarget(name: "ConvertTests", dependencies: ["Convert", "ImageFormats"]),
+        .testTarget(name: "SystemIOTests", dependencies: ["SystemIO"]),
         .testTarget(name: "imgconvTests", dependencies: ["Convert", "ImageFormats", "imgconv"]),
         // Test support: the real Keystone/Glance fixture (scripts/openstack-fixture.sh) and the misbehaving proxy.
         .target(

@@ -1,4 +1,5 @@
 import Convert
+import SystemIO
 import Foundation
 import Glance
 import ImageFormats
@@ -27,7 +28,7 @@ final class FileDownloadSink: DownloadSink, @unchecked Sendable {
         }
         do {
             try file.pwriteAll(bytes, at: offset)
-        } catch let e as SinkError {
+        } catch let e as FileError {
             throw CacheError.io(e.description)
         }
     }
@@ -51,49 +52,18 @@ final class FileDownloadSink: DownloadSink, @unchecked Sendable {
     }
 }
 
-enum FileSystem {
-    /// Bytes a file occupies on disk.
-    static func allocatedBytes(_ path: String) -> UInt64? {
-        var st = stat()
-        guard stat(path, &st) == 0 else { return nil }
-        return UInt64(st.st_blocks) * 512
-    }
-
-    static func fileSize(_ path: String) -> UInt64? {
-        var st = stat()
-        guard stat(path, &st) == 0 else { return nil }
-        return UInt64(st.st_size)
-    }
-
-    /// Bytes available to an unprivileged writer on the file system holding `path`.
-    static func freeBytes(_ path: String) -> UInt64? {
-        var s = statvfs()
-        guard statvfs(path, &s) == 0 else { return nil }
-        return UInt64(s.f_bavail) * UInt64(s.f_frsize)
-    }
-
-    static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
-
-    static func makeDirectory(_ path: String) throws {
-        do {
-            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-        } catch {
-            throw CacheError.io("cannot create directory '\(path)': \(error.localizedDescription)")
-        }
-    }
-
-    static func list(_ directory: String) -> [String] {
-        (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
-    }
-
+/// Hashes of files on disk (scrub).
+enum FileHasher {
     /// Hashes a whole file with the named algorithm.
-    static func hash(_ path: String, algorithm: String) throws -> String {
+    /// Polls `token` between MiB: a scrub of a large image stops promptly at shutdown.
+    static func hash(_ path: String, algorithm: String, token: CancellationToken) throws -> String {
         guard var d = ImageDigest(algorithm: algorithm) else { throw CacheError.io("cannot hash with \(algorithm)") }
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw CacheError.io("open '\(path)': \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var buf = [UInt8](repeating: 0, count: 1 << 20)
         while true {
+            try token.check()
             let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n < 0 {
                 if errno == EINTR { continue }
@@ -103,14 +73,5 @@ enum FileSystem {
             buf.withUnsafeBytes { d.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
         }
         return d.hex()
-    }
-}
-
-/// Runs blocking work (inspection, conversion, hashing) on a dispatch thread, off the cooperative pool.
-public func offload<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { c in
-        DispatchQueue.global().async {
-            do { c.resume(returning: try work()) } catch { c.resume(throwing: error) }
-        }
     }
 }

@@ -1,3 +1,4 @@
+import SystemIO
 import Convert
 import Crypto
 import Foundation
@@ -426,7 +427,7 @@ public actor ImageCache {
             let result: (Bool, String) = try await offload {
                 if asDownloaded {
                     let (algo, want) = row.osHashValue != nil ? (row.osHashAlgo ?? "sha512", row.osHashValue!) : ("md5", row.checksum ?? "")
-                    let got = try FileSystem.hash(path, algorithm: algo)
+                    let got = try FileHasher.hash(path, algorithm: algo, token: CancellationToken())
                     return got == want.lowercased() ? (true, "\(algo) matches") : (false, "\(algo) is \(got), Glance recorded \(want)")
                 }
                 let (v, _) = ImageInspector.inspect(path: path, declared: .raw)

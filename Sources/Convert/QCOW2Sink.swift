@@ -1,3 +1,4 @@
+import SystemIO
 import ImageFormats
 
 /// Writes qcow2 (v3 by default, v2 with compat=0.10): header, L1 table, then data clusters and L2 tables in

@@ -1,3 +1,4 @@
+import SystemIO
 import ImageFormats
 
 /// Builds the sink for an output format from qemu-img's `-O`, `-o key=value,...`, `-c` and `-S`: every key is

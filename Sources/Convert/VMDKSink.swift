@@ -1,3 +1,4 @@
+import SystemIO
 import ImageFormats
 #if canImport(Glibc)
 import Glibc

@@ -1,3 +1,4 @@
+import SystemIO
 import Cache
 import Convert
 import Foundation

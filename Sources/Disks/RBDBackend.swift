@@ -1,3 +1,4 @@
+import SystemIO
 import Cache
 import Convert
 import Foundation
@@ -93,7 +94,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         let started = ContinuousClock.now
         let io = try await pool()
         let name = request.diskName
-        if try await offload({ try io.imageExists(name) }) { throw DiskError.exists(name) }
+        if try await offload { try io.imageExists(name) } { throw DiskError.exists(name) }
 
         if let location = try await glanceLocation(image, io: io) {
             var info = try await offload { [settings] in
@@ -190,14 +191,14 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         var delay = 0.05
         var waited = false
         while true {
-            if let size = try await offload({ try self.readyBase(io, base) }) { return (base, false, 0, size) }
+            if let size = try await offload { try self.readyBase(io, base) } { return (base, false, 0, size) }
             let cookie = UUID().uuidString.lowercased()
             let object = leaseObject(image.id), seconds = settings.leaseSeconds
             let desc = "imgconv base build of \(image.id) on \(ProcessInfo.processInfo.hostName) pid \(getpid())"
-            if try await offload({ try io.lease(object: object, name: Self.leaseName, cookie: cookie, description: desc, seconds: seconds, renew: false) }) {
+            if try await offload { try io.lease(object: object, name: Self.leaseName, cookie: cookie, description: desc, seconds: seconds, renew: false) } {
                 do {
                     // Someone may have finished between our check and the lease.
-                    if let size = try await offload({ try self.readyBase(io, base) }) {
+                    if let size = try await offload { try self.readyBase(io, base) } {
                         try? await offload { try io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
                         return (base, false, 0, size)
                     }
@@ -206,7 +207,7 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
                     let written = try await build(image, base: base, cookie: cookie, io: io, cache: cache, source: source)
                     try? await offload { try io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
                     stats.withLock { $0.basesBuilt += 1 }
-                    guard let size = try await offload({ try self.readyBase(io, base) }) else {
+                    guard let size = try await offload(.calls, { try self.readyBase(io, base) }) else {
                         throw DiskError.io("base \(io.pool)/\(base) vanished right after it was built")
                     }
                     return (base, true, written, size)

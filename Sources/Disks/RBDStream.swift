@@ -1,3 +1,4 @@
+import SystemIO
 import Convert
 import Glance
 import ImageFormats

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import SystemIO
 
 /// Every way opening, reading or checking an image can fail. Each case says what is wrong and,
 /// through `description`, what the operator can do about it.
@@ -62,41 +63,5 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .outOfRange(offset, length, size):
             return "read of \(length) bytes at \(offset) is outside the virtual disk (\(size) bytes)"
         }
-    }
-}
-
-/// The symbolic name of an errno value ("ENOENT"), for messages and logs.
-public func errnoName(_ err: Int32) -> String {
-    switch err {
-    case EPERM: return "EPERM"
-    case ENOENT: return "ENOENT"
-    case EIO: return "EIO"
-    case EBADF: return "EBADF"
-    case ENOMEM: return "ENOMEM"
-    case EACCES: return "EACCES"
-    case EEXIST: return "EEXIST"
-    case EXDEV: return "EXDEV"
-    case ENOTDIR: return "ENOTDIR"
-    case EISDIR: return "EISDIR"
-    case EINVAL: return "EINVAL"
-    case EFBIG: return "EFBIG"
-    case ENOSPC: return "ENOSPC"
-    case EROFS: return "EROFS"
-    case ENXIO: return "ENXIO"
-    case EINTR: return "EINTR"
-    case EDQUOT: return "EDQUOT"
-    case ENAMETOOLONG: return "ENAMETOOLONG"
-    case EBUSY: return "EBUSY"
-    case EAGAIN: return "EAGAIN"
-    case ERANGE: return "ERANGE"
-    case ENOTEMPTY: return "ENOTEMPTY"
-    case ETIMEDOUT: return "ETIMEDOUT"
-    case ECONNREFUSED: return "ECONNREFUSED"
-    case ENOTCONN: return "ENOTCONN"
-    case ESHUTDOWN: return "ESHUTDOWN"
-    case EOPNOTSUPP: return "EOPNOTSUPP"
-    case ENOSYS: return "ENOSYS"
-    case EDOM: return "EDOM"
-    default: return "errno \(err)"
     }
 }

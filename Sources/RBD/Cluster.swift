@@ -1,3 +1,4 @@
+import SystemIO
 import CCeph
 import ImageFormats
 #if canImport(Glibc)
@@ -14,7 +15,7 @@ public struct CephError: Error, CustomStringConvertible, Equatable, Sendable {
         self.errno = errno
     }
 
-    public var errnoName: String { ImageFormats.errnoName(errno) }
+    public var errnoName: String { SystemIO.errnoName(errno) }
 
     public var description: String {
         var hint = ""

@@ -1,0 +1,153 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+
+/// Set when the work a token was handed to should stop; blocking work polls it between units (a window of a
+/// conversion, a MiB of a hash). Cancelling the Swift task that awaits `offload` sets it.
+public final class CancellationToken: Sendable {
+    private let flag = Atomic<Bool>(false)
+
+    public init() {}
+
+    public var isCancelled: Bool { flag.load(ordering: .relaxed) }
+
+    public func cancel() { flag.store(true, ordering: .relaxed) }
+
+    /// Throws `CancellationError` once cancelled.
+    public func check() throws {
+        if isCancelled { throw CancellationError() }
+    }
+}
+
+/// Dedicated threads for blocking work: fsync, large reads and writes, unlink of large files, SQLite, librbd and
+/// librados calls, conversions and hashes. None of it may run on an actor or on Swift's cooperative pool, whose
+/// few threads (one per core) also serve the control API; a blocked pool thread is a control API that does not
+/// answer (swift-nio's NIOThreadPool and NonBlockingFileIO do the same for an event loop).
+///
+/// Two lanes, so long jobs cannot starve short calls: `jobs` runs conversions, builds, downloads' writes and
+/// scrubs, at most `jobThreads` at once (the rest wait their turn, which also bounds how hard a node is hit);
+/// `calls` runs short blocking calls (a stat, an rbd open, an fsync of a small file, an index write).
+public final class BlockingExecutor: Sendable {
+    public enum Lane: Sendable { case calls, jobs }
+
+    /// The process's executor: 8 threads for calls, 8 for jobs (each job may use more threads of its own: the
+    /// converter's workers).
+    public static let shared = BlockingExecutor(callThreads: 8, jobThreads: 8)
+
+    private let calls: ThreadPool
+    private let jobs: ThreadPool
+
+    public init(callThreads: Int, jobThreads: Int) {
+        calls = ThreadPool(name: "imgconv-call", threads: callThreads)
+        jobs = ThreadPool(name: "imgconv-job", threads: jobThreads)
+    }
+
+    /// Queues `work` on `lane`.
+    public func submit(_ lane: Lane, _ work: @escaping @Sendable () -> Void) {
+        (lane == .calls ? calls : jobs).submit(work)
+    }
+
+    /// Jobs waiting for a thread, and running (for /metrics).
+    public var load: (calls: (queued: Int, running: Int), jobs: (queued: Int, running: Int)) {
+        (calls.load, jobs.load)
+    }
+}
+
+/// Runs blocking `work` on the executor and waits for it without blocking the caller's thread. Cancelling the
+/// calling task sets the token `work` receives; work still queued when cancelled never starts.
+public func offload<T: Sendable>(_ lane: BlockingExecutor.Lane = .calls, executor: BlockingExecutor = .shared,
+                                 _ work: @escaping @Sendable (CancellationToken) throws -> T) async throws -> T {
+    let token = CancellationToken()
+    return try await withTaskCancellationHandler {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, Error>) in
+            executor.submit(lane) {
+                if token.isCancelled {
+                    c.resume(throwing: CancellationError())
+                    return
+                }
+                do { c.resume(returning: try work(token)) } catch { c.resume(throwing: error) }
+            }
+        }
+    } onCancel: {
+        token.cancel()
+    }
+}
+
+/// `offload` for work that has nothing to poll (one system call).
+public func offload<T: Sendable>(_ lane: BlockingExecutor.Lane = .calls, executor: BlockingExecutor = .shared,
+                                 _ work: @escaping @Sendable () throws -> T) async throws -> T {
+    try await offload(lane, executor: executor) { (_: CancellationToken) in try work() }
+}
+
+/// A fixed set of threads taking closures from one FIFO queue.
+final class ThreadPool: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var queue: [@Sendable () -> Void] = []
+    private var head = 0
+    private var running = 0
+    let name: String
+
+    init(name: String, threads: Int) {
+        self.name = name
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(cond, nil)
+        for i in 0..<max(1, threads) {
+            let box = Unmanaged.passRetained(WorkerStart(pool: self, name: "\(name)-\(i)"))
+            var thread = pthread_t()
+            var attr = pthread_attr_t()
+            pthread_attr_init(&attr)
+            pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED))
+            let r = pthread_create(&thread, &attr, { arg in
+                let start = Unmanaged<WorkerStart>.fromOpaque(arg!).takeRetainedValue()
+                _ = pthread_setname_np(pthread_self(), String(start.name.prefix(15)))
+                start.pool.work()
+                return nil
+            }, box.toOpaque())
+            pthread_attr_destroy(&attr)
+            precondition(r == 0, "cannot start a blocking-work thread: errno \(r)")
+        }
+    }
+
+    func submit(_ work: @escaping @Sendable () -> Void) {
+        pthread_mutex_lock(mutex)
+        queue.append(work)
+        pthread_cond_signal(cond)
+        pthread_mutex_unlock(mutex)
+    }
+
+    var load: (queued: Int, running: Int) {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return (queue.count - head, running)
+    }
+
+    private func work() {
+        while true {
+            pthread_mutex_lock(mutex)
+            while head == queue.count { pthread_cond_wait(cond, mutex) }
+            let next = queue[head]
+            head += 1
+            if head > 1024 && head * 2 > queue.count {
+                queue.removeFirst(head)
+                head = 0
+            }
+            running += 1
+            pthread_mutex_unlock(mutex)
+            next()
+            pthread_mutex_lock(mutex)
+            running -= 1
+            pthread_mutex_unlock(mutex)
+        }
+    }
+
+    private final class WorkerStart {
+        let pool: ThreadPool
+        let name: String
+        init(pool: ThreadPool, name: String) {
+            self.pool = pool
+            self.name = name
+        }
+    }
+}
