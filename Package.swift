@@ -113,7 +113,7 @@ let package = Package(
         .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "FuzzKit"]),
         .testTarget(name: "ConvertTests", dependencies: ["Convert", "ImageFormats"]),
         .testTarget(name: "SystemIOTests", dependencies: ["SystemIO"]),
-        .testTarget(name: "imgconvTests", dependencies: ["Convert", "ImageFormats", "imgconv"]),
+        .testTarget(name: "imgconvTests", dependencies: ["Convert", "ImageFormats", "imgconv", "ImageFixture"]),
         // Test support: the real Keystone/Glance fixture (scripts/openstack-fixture.sh) and the misbehaving proxy.
         .target(
             name: "OpenStackFixture",
@@ -121,11 +121,13 @@ let package = Package(
             path: "Tests/OpenStackFixture"
         ),
         .testTarget(name: "GlanceTests", dependencies: ["Glance", "OpenStackFixture", .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "CacheTests", dependencies: ["Cache", "Glance", "ImageFormats"]),
+        // Test support: large images made in milliseconds (a compressed qcow2 of one repeated cluster).
+        .target(name: "ImageFixture", dependencies: ["CZlib"], path: "Tests/ImageFixture"),
+        .testTarget(name: "CacheTests", dependencies: ["Cache", "Glance", "ImageFormats", "ImageFixture"]),
         .target(name: "CephFixture", dependencies: ["RBD"], path: "Tests/CephFixture"),
         .testTarget(name: "RBDTests", dependencies: ["RBD", "CephFixture"]),
-        .testTarget(name: "DisksTests", dependencies: ["Disks", "RBD", "Cache", "Convert", "ImageFormats", "Glance", "CephFixture", "OpenStackFixture"]),
-        .testTarget(name: "AgentTests", dependencies: ["Agent", "Cache", "Glance", "OpenStackFixture", "CephFixture", "RBD", "imgconv"]),
+        .testTarget(name: "DisksTests", dependencies: ["Disks", "RBD", "Cache", "Convert", "ImageFormats", "Glance", "CephFixture", "OpenStackFixture", "ImageFixture"]),
+        .testTarget(name: "AgentTests", dependencies: ["Agent", "Cache", "Glance", "OpenStackFixture", "CephFixture", "RBD", "imgconv", "ImageFixture"]),
     ]
 )
 

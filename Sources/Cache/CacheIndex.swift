@@ -32,12 +32,17 @@ public struct CachedImage: Codable, Sendable, Equatable, FetchableRecord, Persis
     public var lastUsed: Double
     public var createdAt: Double
     public var verifiedAt: Double?
+    /// The hash of the file as it was downloaded (`os_hash_algo`'s algorithm when Glance has one, else sha512),
+    /// computed in the same pass: what a scrub compares with when Glance has no hash.
+    public var recordedHashAlgo: String?
+    public var recordedHash: String?
 
     enum CodingKeys: String, CodingKey {
         case id, name, diskFormat = "disk_format", storedFormat = "stored_format", size, virtualSize = "virtual_size"
         case osHashAlgo = "os_hash_algo", osHashValue = "os_hash_value", checksum, state, bytesDone = "bytes_done"
         case bytesTotal = "bytes_total", diskBytes = "disk_bytes", path, error, pinned, useCount = "use_count"
         case lastUsed = "last_used", createdAt = "created_at", verifiedAt = "verified_at"
+        case recordedHashAlgo = "recorded_hash_algo", recordedHash = "recorded_hash"
     }
 
     /// True when the file holds the bytes exactly as Glance stores them (not converted by force_raw), so Glance's
@@ -61,7 +66,8 @@ public struct CachedImage: Codable, Sendable, Equatable, FetchableRecord, Persis
 }
 
 /// The persistent index of the cache (SQLite through GRDB). Every write is a transaction, so a kill -9 leaves
-/// either the old row or the new one.
+/// either the old row or the new one. Every call blocks (SQLite commits fsync): the agent reaches it only through
+/// `CacheCatalog`, which keeps the rows in memory and writes them on its own thread.
 public final class CacheIndex: Sendable {
     let db: DatabaseQueue
 
@@ -92,6 +98,12 @@ public final class CacheIndex: Sendable {
                 t.column("last_used", .double).notNull()
                 t.column("created_at", .double).notNull()
                 t.column("verified_at", .double)
+            }
+        }
+        migrator.registerMigration("v2 recorded hash") { db in
+            try db.alter(table: "images") { t in
+                t.add(column: "recorded_hash_algo", .text)
+                t.add(column: "recorded_hash", .text)
             }
         }
         try migrator.migrate(db)

@@ -1,13 +1,10 @@
-import SystemIO
 import Convert
 import Crypto
 import Foundation
 import Glance
 import ImageFormats
 import Logging
-#if canImport(Glibc)
-import Glibc
-#endif
+import SystemIO
 
 /// How the cache lays out and limits itself (`[cache]` in the agent config).
 public struct CacheConfig: Sendable {
@@ -22,6 +19,9 @@ public struct CacheConfig: Sendable {
     public var layout: Layout
     /// Convert to raw on arrival (Nova's force_raw_images).
     public var forceRaw: Bool
+    /// Permission bits of cached files (qemu reads them as another user) and of the directory.
+    public var fileMode: mode_t = 0o644
+    public var directoryMode: mode_t = 0o755
 
     public init(directory: String, indexPath: String? = nil, maxSize: UInt64 = 50 << 30, minFree: UInt64 = 0,
                 layout: Layout = .nova, forceRaw: Bool = false) {
@@ -34,7 +34,7 @@ public struct CacheConfig: Sendable {
     }
 
     /// The file name of an image: Nova's `_base` names files sha1(image_id); `id` uses the id itself. The id is
-    /// checked to be a UUID before it gets here, so no path is built from unchecked input.
+    /// canonical (a lower-case UUID) before it gets here, so no path is built from unchecked input.
     public func fileName(for id: String) -> String {
         switch layout {
         case .id: return id
@@ -51,39 +51,65 @@ public enum EnsureResult: Sendable {
 
 /// The node's image cache: verified Glance images on local disk.
 ///
+/// The actor holds the state that decides (single flight, reservations, leases, pins); the work is elsewhere and
+/// never blocks it: `CacheCatalog` (the index, in memory, persisted on its own thread), `Fetcher` (download,
+/// inspection, force_raw, publication, all on the executor), `EvictionPlan` (which files go), `Scrubber`
+/// (re-verification), `JobBook` (jobs and their events).
+///
 /// - Single flight: one fetch per image however many callers ask; every waiter gets its result.
 /// - A file is published (renamed to its final name, marked ready) only after its hashes matched and the
 ///   inspection found it safe; until then it lives under a temporary name that start-up removes.
 /// - LRU eviction under `maxSize` and `minFree`, never of pinned or in-use (leased) images.
+/// - Image ids are canonical (lower-case UUIDs); the edges (control API, config) normalise them.
 public actor ImageCache {
     public nonisolated let config: CacheConfig
-    let index: CacheIndex
-    let source: any ImageSource
+    let catalog: CacheCatalog
+    let fetcher: Fetcher
     let logger: Logger
-    public nonisolated let events = EventHub()
+    /// Jobs of the cache, and of whoever else shares the book (the disk service).
+    public nonisolated let jobs: JobBook
+    public nonisolated var events: EventHub { jobs.events }
 
     private var lookups: [String: Task<GlanceImage, Error>] = [:]
     private var inflight: [String: (job: String, task: Task<CachedImage, Error>)] = [:]
-    private var jobs: [String: Job] = [:]
-    private var jobOrder: [String] = []
     private var reserved: [String: UInt64] = [:]
     private var leases: [String: Int] = [:]
+    /// Files of evicted images still being unlinked: a new fetch of the same image waits before it publishes.
+    private var removals: [String: Task<Void, Never>] = [:]
+    private var scrubs: [UUID: Task<[(id: String, ok: Bool, detail: String)], Error>] = [:]
     public private(set) var metrics = CacheMetrics()
-    /// Jobs kept for `GET /v1/jobs` after they finish.
-    let jobHistory = 500
 
-    public init(config: CacheConfig, source: any ImageSource, logger: Logger = Logger(label: "imgconv.cache")) throws {
-        try FileSystem.makeDirectory(config.directory)
-        if let slash = config.indexPath.lastIndex(of: "/") { try FileSystem.makeDirectory(String(config.indexPath[..<slash])) }
-        self.config = config
-        self.source = source
-        self.logger = logger
+    /// Opens the cache (blocking: directory, SQLite, start-up reconciliation). The agent calls `open`, which runs
+    /// this on the executor.
+    public init(config: CacheConfig, source: any ImageSource, jobs: JobBook = JobBook(),
+                logger: Logger = Logger(label: "imgconv.cache")) throws {
         do {
-            index = try CacheIndex(path: config.indexPath)
+            try FileSystem.makeDirectory(config.directory, mode: config.directoryMode)
+            if let slash = config.indexPath.lastIndex(of: "/") {
+                try FileSystem.makeDirectory(String(config.indexPath[..<slash]), mode: 0o700)
+            }
+        } catch {
+            throw CacheError.io("cannot create the cache directory: \(error)")
+        }
+        self.config = config
+        self.logger = logger
+        self.jobs = jobs
+        fetcher = Fetcher(config: config, source: source, logger: logger)
+        do {
+            let store = try CacheIndex(path: config.indexPath)
+            try Self.reconcile(config: config, index: store, logger: logger)
+            catalog = try CacheCatalog(store: store, logger: logger)
+        } catch let e as CacheError {
+            throw e
         } catch {
             throw CacheError.io("cannot open the cache index '\(config.indexPath)': \(error)")
         }
-        try Self.reconcile(config: config, index: index, logger: logger)
+    }
+
+    /// `init` on the executor, so start-up blocks no thread of the cooperative pool.
+    public static func open(config: CacheConfig, source: any ImageSource, jobs: JobBook = JobBook(),
+                            logger: Logger = Logger(label: "imgconv.cache")) async throws -> ImageCache {
+        try await offload { try ImageCache(config: config, source: source, jobs: jobs, logger: logger) }
     }
 
     // MARK: start-up
@@ -91,7 +117,7 @@ public actor ImageCache {
     /// Removes temporary files a killed agent left, forgets rows that never became ready, and drops rows whose
     /// file is gone or has the wrong size. Files the index does not know are left alone (they may be Nova's).
     static func reconcile(config: CacheConfig, index: CacheIndex, logger: Logger) throws {
-        for name in FileSystem.list(config.directory) where name.hasPrefix(".") && name.contains(".imgconv-") && !name.hasPrefix(".imgconv-index") {
+        for name in FileSystem.list(config.directory) where isTemporary(name) {
             unlink(config.directory + "/" + name)
             logger.notice("removed an orphaned temporary file", metadata: ["file": "\(name)"])
         }
@@ -111,21 +137,31 @@ public actor ImageCache {
         }
     }
 
-    // MARK: queries
+    /// The names OutputFile gives unpublished files (`.<name>.imgconv-<pid>-<n>`), never the index's.
+    static func isTemporary(_ name: String) -> Bool {
+        name.hasPrefix(".") && name.contains(".imgconv-") && !name.hasPrefix(".imgconv-index")
+    }
+
+    // MARK: queries (never block: the catalog is in memory)
 
     public func image(_ id: String) throws -> CachedImage? {
-        guard ImageID.isValid(id) else { throw CacheError.invalidID(id) }
-        var row = try index.get(id)
-        if let j = inflight[id].flatMap({ jobs[$0.job] }), row != nil {
+        try Self.check(id)
+        var row = catalog.get(id)
+        if let j = inflight[id].flatMap({ jobs.job($0.job) }), row != nil {
             row!.bytesDone = j.bytesDone
         }
         return row
     }
 
-    public func images() throws -> [CachedImage] { try index.all() }
-    public func job(_ id: String) -> Job? { jobs[id] }
-    public func allJobs() -> [Job] { jobOrder.compactMap { jobs[$0] } }
-    public func usedBytes() throws -> UInt64 { try index.totalDiskBytes() }
+    public nonisolated func images() -> [CachedImage] { catalog.all() }
+    public nonisolated func job(_ id: String) -> Job? { jobs.job(id) }
+    public nonisolated func allJobs() -> [Job] { jobs.all() }
+    /// Bytes the cached files occupy; answers without waiting for the actor (the health check).
+    public nonisolated func usedBytes() -> UInt64 { catalog.totalDiskBytes() }
+
+    static func check(_ id: String) throws {
+        guard ImageID.isCanonical(id) else { throw CacheError.invalidID(id) }
+    }
 
     // MARK: ensure / wait
 
@@ -133,13 +169,13 @@ public actor ImageCache {
     /// image first (one request however many callers ask), so an unknown or unsupported image fails here.
     /// `throttled` fetches (prefetch) honour the configured bandwidth limit; on-demand ones do not.
     public func ensure(_ id: String, throttled: Bool = false) async throws -> EnsureResult {
-        guard ImageID.isValid(id) else { throw CacheError.invalidID(id) }
-        if let r = try current(id) { return r }
+        try Self.check(id)
+        if let r = current(id) { return r }
         let lookup: Task<GlanceImage, Error>
         if let l = lookups[id] {
             lookup = l
         } else {
-            let source = self.source
+            let source = fetcher.source
             lookup = Task { try await source.show(id) }
             lookups[id] = lookup
         }
@@ -156,18 +192,18 @@ public actor ImageCache {
         }
         guard image.status == "active" else { throw CacheError.upstream(.notActive(imageID: id, status: image.status)) }
         // Another caller may have started the fetch while Glance answered.
-        if let r = try current(id) { return r }
+        if let r = current(id) { return r }
         metrics.misses += 1
         return .pending(start(image, declared: declared, throttled: throttled))
     }
 
     /// The image if ready (a hit), or its running job.
-    private func current(_ id: String) throws -> EnsureResult? {
-        if let f = inflight[id], let j = jobs[f.job] { return .pending(j) }
-        if var row = try index.get(id), row.state == .ready, let p = row.path, FileSystem.exists(p) {
+    private func current(_ id: String) -> EnsureResult? {
+        if let f = inflight[id], let j = jobs.job(f.job) { return .pending(j) }
+        if var row = catalog.get(id), row.state == .ready, row.path != nil {
             metrics.hits += 1
             row.lastUsed = Date().timeIntervalSince1970
-            try index.save(row)
+            catalog.save(row)
             return .ready(row)
         }
         return nil
@@ -180,8 +216,8 @@ public actor ImageCache {
         case let .pending(job):
             if let f = inflight[id], f.job == job.id { return try await f.task.value }
             // It finished between our ensure and now: read the outcome.
-            if let row = try index.get(id), row.state == .ready { return row }
-            throw CacheError.io(jobs[job.id]?.error ?? "the fetch of \(id) ended without a result")
+            if let row = catalog.get(id), row.state == .ready { return row }
+            throw CacheError.io(jobs.job(job.id)?.error ?? "the fetch of \(id) ended without a result")
         }
     }
 
@@ -192,7 +228,7 @@ public actor ImageCache {
             var row = try await fetch(id)
             row.useCount += 1
             row.lastUsed = Date().timeIntervalSince1970
-            try index.save(row)
+            catalog.save(row)
             return row
         } catch {
             release(id)
@@ -206,36 +242,17 @@ public actor ImageCache {
 
     private func start(_ image: GlanceImage, declared: ImageFormat, throttled: Bool) -> Job {
         let id = image.id
-        let job = Job(imageID: id, kind: .fetch, state: .queued, bytesTotal: nil)
-        record(job)
+        let job = Job(imageID: id, kind: .fetch, state: .queued, bytesTotal: image.size)
+        jobs.record(job)
         let task = Task { try await self.run(job.id, image, declared, throttled) }
         inflight[id] = (job.id, task)
         return job
     }
 
-    private func record(_ job: Job) {
-        if jobs[job.id] == nil {
-            jobOrder.append(job.id)
-            if jobOrder.count > jobHistory {
-                let drop = jobOrder.removeFirst()
-                jobs[drop] = nil
-            }
-        }
-        jobs[job.id] = job
-        events.publish(job)
-    }
-
-    private func update(_ jobID: String, _ change: (inout Job) -> Void) {
-        guard var j = jobs[jobID] else { return }
-        change(&j)
-        record(j)
-    }
-
     func progress(_ jobID: String, _ bytes: UInt64) {
-        guard var j = jobs[jobID], !j.finished else { return }
+        guard let j = jobs.job(jobID), !j.finished else { return }
         metrics.bytesFetched += bytes - min(bytes, j.bytesDone)
-        j.bytesDone = bytes
-        record(j)
+        jobs.update(jobID) { $0.bytesDone = bytes }
     }
 
     private func run(_ jobID: String, _ image: GlanceImage, _ declared: ImageFormat, _ throttled: Bool) async throws -> CachedImage {
@@ -243,20 +260,25 @@ public actor ImageCache {
         let id = image.id
         do {
             let row = try await fetchAndStore(jobID, image, declared, throttled)
-            update(jobID) { $0.state = .ready; $0.bytesDone = row.bytesDone; $0.finishedAt = Date().timeIntervalSince1970 }
+            jobs.update(jobID) { $0.state = .ready; $0.bytesDone = row.bytesDone }
             finish(id, started: started, error: nil)
             return row
         } catch {
-            let message = "\(error)"
-            update(jobID) { $0.state = .error; $0.error = message; $0.finishedAt = Date().timeIntervalSince1970 }
-            if var row = try? index.get(id), row.state != .ready {
-                row.state = .error
-                row.error = message
-                row.path = nil
-                try? index.save(row)
+            let cancelled = error is CancellationError
+            let message = cancelled ? "cancelled (the agent is stopping)" : "\(error)"
+            jobs.update(jobID) { $0.state = cancelled ? .cancelled : .error; $0.error = message }
+            if var row = catalog.get(id), row.state != .ready {
+                if cancelled {
+                    catalog.remove(id)
+                } else {
+                    row.state = .error
+                    row.error = message
+                    row.path = nil
+                    catalog.save(row)
+                }
             }
-            finish(id, started: started, error: error)
-            logger.error("fetch failed", metadata: ["image": "\(id)", "error": "\(message)"])
+            finish(id, started: started, error: cancelled ? nil : error)
+            if !cancelled { logger.error("fetch failed", metadata: ["image": "\(id)", "error": "\(message)"]) }
             throw error
         }
     }
@@ -278,15 +300,15 @@ public actor ImageCache {
         }
     }
 
-    private func setState(_ jobID: String, _ row: inout CachedImage, _ state: CachedImage.State) throws {
+    private func setState(_ jobID: String, _ row: inout CachedImage, _ state: CachedImage.State) {
         row.state = state
-        try index.save(row)
-        update(jobID) { $0.state = state }
+        catalog.save(row)
+        jobs.update(jobID) { $0.state = Job.State(state) }
     }
 
     private func fetchAndStore(_ jobID: String, _ image: GlanceImage, _ declared: ImageFormat, _ throttled: Bool) async throws -> CachedImage {
         let id = image.id
-        var row = (try? index.get(id)) ?? CachedImage(id: id, diskFormat: image.diskFormat ?? "raw")
+        var row = catalog.get(id) ?? CachedImage(id: id, diskFormat: image.diskFormat ?? "raw")
         row.name = image.name
         row.diskFormat = image.diskFormat ?? "raw"
         row.size = image.size
@@ -299,167 +321,182 @@ public actor ImageCache {
         row.error = nil
         row.path = nil
         row.diskBytes = 0
-        update(jobID) { $0.bytesTotal = image.size }
-        try setState(jobID, &row, .fetching)
+        setState(jobID, &row, .fetching)
 
-        try makeRoom(for: id, bytes: image.size ?? 0)
-        let finalPath = config.directory + "/" + config.fileName(for: id)
-        let file = OutputFile(path: finalPath)
-        do { try file.create() } catch { throw CacheError.io("\(error)") }
-        defer { file.discard() }
-        let sink = FileDownloadSink(file: file, declared: declared, imageID: id)
-        let result: DownloadResult
-        do {
-            result = try await source.download(image, into: sink, throttled: throttled, progress: { [weak self] n in
-                guard let self else { return }
-                Task { await self.progress(jobID, n) }
-            })
-        } catch let e as GlanceError {
-            throw CacheError.upstream(e)
-        }
+        try await makeRoom(for: id, bytes: image.size ?? 0)
+        let fetched = try await fetcher.download(image, declared: declared, throttled: throttled, progress: { [weak self] n in
+            guard let self else { return }
+            Task { await self.progress(jobID, n) }
+        }, verifying: { [weak self] in await self?.verifying(jobID, id) })
+        let result = fetched.download
         metrics.resumes += UInt64(result.resumes)
         progress(jobID, result.bytes)
+        row = catalog.get(id) ?? row
         row.bytesDone = result.bytes
-        try setState(jobID, &row, .verifying)
+        row.virtualSize = fetched.image.virtualSize
+        // What a scrub compares with when Glance has no hash: Glance's algorithm when it has one, else sha512.
+        let algo = [image.osHashAlgo?.lowercased(), "sha512", "md5"].compactMap { $0 }.first { result.hashes[$0] != nil }
+        row.recordedHashAlgo = algo
+        row.recordedHash = algo.flatMap { result.hashes[$0] }
 
-        // The whole image is here and its hashes matched: inspect it before anything else reads it.
-        guard let tmp = file.temporaryPath else { throw CacheError.io("the download of \(id) has no temporary file") }
-        // It walks every table: off the actor, so the control API keeps answering meanwhile.
-        let (verdict, opened) = try await offload { ImageInspector.inspect(path: tmp, declared: declared) }
-        guard verdict.safe, let opened else { throw CacheError.unsafe(id: id, reasons: verdict.reasons.map(\.description)) }
-        row.virtualSize = opened.virtualSize
-
+        // A file of this image being evicted right now must be gone before ours takes its name.
+        await removals[id]?.value
         if config.forceRaw && declared != .raw {
-            try setState(jobID, &row, .converting)
-            let dataBytes = try await offload {
-                (try? opened.allExtents().filter { $0.status == .data }.reduce(UInt64(0)) { $0 + $1.length }) ?? opened.virtualSize
+            setState(jobID, &row, .converting)
+            let dataBytes: UInt64
+            do { dataBytes = try await fetcher.rawDataBytes(fetched) } catch {
+                await fetched.discard()
+                throw error
             }
-            try makeRoom(for: id, bytes: (reserved[id] ?? 0) + dataBytes)
-            try await offload {
-                let out = RawFileSink(path: finalPath)
-                do {
-                    _ = try Converter().convert(opened, to: out)
-                } catch {
-                    throw CacheError.io("converting \(id) to raw: \(error)")
-                }
+            do { try await makeRoom(for: id, bytes: (reserved[id] ?? 0) + dataBytes) } catch {
+                await fetched.discard()
+                throw error
             }
-            file.discard()
+            try await fetcher.convertToRaw(fetched, id: id)
             row.storedFormat = ImageFormat.raw.rawValue
         } else {
-            do { try file.commit() } catch { throw CacheError.io("\(error)") }
+            try await fetcher.commit(fetched)
             row.storedFormat = declared.rawValue
         }
+        let finalPath = fetcher.finalPath(id)
         row.path = finalPath
-        row.diskBytes = FileSystem.allocatedBytes(finalPath) ?? result.bytes
+        let allocated: UInt64?? = try? await offload { FileSystem.allocatedBytes(finalPath) }
+        row.diskBytes = (allocated ?? nil) ?? result.bytes
         row.verifiedAt = Date().timeIntervalSince1970
         row.lastUsed = Date().timeIntervalSince1970
-        row.bytesDone = result.bytes
-        try setState(jobID, &row, .ready)
+        setState(jobID, &row, .ready)
         logger.info("image cached", metadata: ["image": "\(id)", "bytes": "\(result.bytes)", "path": "\(finalPath)"])
         return row
     }
 
+    private func verifying(_ jobID: String, _ id: String) {
+        guard var row = catalog.get(id) else { return }
+        setState(jobID, &row, .verifying)
+    }
+
     // MARK: space
 
-    /// Reserves `bytes` for an image's fetch, evicting least recently used images if needed.
-    func makeRoom(for id: String, bytes: UInt64) throws {
+    /// Reserves `bytes` for an image's fetch, evicting least recently used images if needed. The victims leave
+    /// the index at once; their files are unlinked on the executor.
+    func makeRoom(for id: String, bytes: UInt64) async throws {
         let others = reserved.filter { $0.key != id }.values.reduce(0, +)
-        func used() throws -> UInt64 { try index.totalDiskBytes() + others }
-        func fits() throws -> Bool {
-            let u = try used()
-            guard u + bytes <= config.maxSize else { return false }
-            if config.minFree > 0, let free = FileSystem.freeBytes(config.directory) {
-                let pending = (reserved[id] ?? 0) < bytes ? bytes - (reserved[id] ?? 0) : 0
-                return free >= pending + config.minFree
-            }
-            return true
+        let directory = config.directory
+        let free = config.minFree > 0 ? try await offload { FileSystem.freeBytes(directory) } : nil
+        let candidates = catalog.evictionOrder().filter { !$0.pinned && (leases[$0.id] ?? 0) == 0 && $0.id != id && inflight[$0.id] == nil }
+        guard let plan = EvictionPlan.make(needed: bytes, alreadyReserved: reserved[id] ?? 0, used: catalog.totalDiskBytes(),
+                                           reservedByOthers: others, maxSize: config.maxSize, minFree: config.minFree,
+                                           freeBytes: free, candidates: candidates) else {
+            let used = catalog.totalDiskBytes() + others
+            throw CacheError.noRoom(id: id, needed: bytes, available: config.maxSize > used ? config.maxSize - used : 0)
         }
-        var candidates = try index.evictionOrder().filter { !$0.pinned && (leases[$0.id] ?? 0) == 0 && $0.id != id && inflight[$0.id] == nil }
-        while try !fits() {
-            guard !candidates.isEmpty else {
-                let available = config.maxSize > (try used()) ? config.maxSize - (try used()) : 0
-                throw CacheError.noRoom(id: id, needed: bytes, available: available)
-            }
-            let victim = candidates.removeFirst()
-            try removeFiles(victim)
+        for victim in plan.victims {
+            removeFiles(victim)
             metrics.evictions += 1
             logger.notice("evicted", metadata: ["image": "\(victim.id)", "bytes": "\(victim.diskBytes)"])
         }
         reserved[id] = bytes
     }
 
-    private func removeFiles(_ row: CachedImage) throws {
-        if let p = row.path { unlink(p) }
-        try index.remove(row.id)
+    /// Drops the row now and unlinks the file on the executor (unlinking a large file takes time).
+    private func removeFiles(_ row: CachedImage) {
+        catalog.remove(row.id)
+        guard let path = row.path else { return }
+        let id = row.id
+        let previous = removals[id]
+        removals[id] = Task {
+            await previous?.value
+            await cleanup { try? FileSystem.remove(path) }
+            self.removed(id)
+        }
+    }
+
+    private func removed(_ id: String) {
+        removals[id] = nil
     }
 
     // MARK: operator actions
 
     /// Removes an image from the cache; refuses while it is pinned, in use or being fetched.
-    public func evict(_ id: String) throws {
-        guard ImageID.isValid(id) else { throw CacheError.invalidID(id) }
-        guard let row = try index.get(id) else { throw CacheError.notCached(id) }
+    public func evict(_ id: String) async throws {
+        try Self.check(id)
+        guard let row = catalog.get(id) else { throw CacheError.notCached(id) }
         if inflight[id] != nil { throw CacheError.busy(id: id, why: "being fetched") }
         if row.pinned { throw CacheError.busy(id: id, why: "pinned (unpin it first)") }
         if (leases[id] ?? 0) > 0 { throw CacheError.busy(id: id, why: "in use") }
-        try removeFiles(row)
+        removeFiles(row)
         metrics.evictions += 1
+        await removals[id]?.value
     }
 
     public func setPinned(_ id: String, _ pinned: Bool) throws -> CachedImage {
-        guard ImageID.isValid(id) else { throw CacheError.invalidID(id) }
-        guard var row = try index.get(id) else { throw CacheError.notCached(id) }
+        try Self.check(id)
+        guard var row = catalog.get(id) else { throw CacheError.notCached(id) }
         row.pinned = pinned
-        try index.save(row)
+        catalog.save(row)
         return row
     }
 
-    /// Re-verifies ready images against the hashes Glance recorded (images stored as downloaded), or re-inspects
-    /// them (converted images). A file that fails is removed and the image marked error.
+    /// Re-verifies ready images (`Scrubber`): a file that fails is removed and the image marked error. Each file
+    /// is hashed on the jobs lane; cancelling the calling task stops the hash within a MiB.
     public func scrub(_ ids: [String]? = nil) async throws -> [(id: String, ok: Bool, detail: String)] {
+        let key = UUID()
+        let task = Task { try await self.runScrub(ids) }
+        scrubs[key] = task
+        defer { scrubs[key] = nil }
+        return try await withTaskCancellationHandler { try await task.value } onCancel: { task.cancel() }
+    }
+
+    private func runScrub(_ ids: [String]?) async throws -> [(id: String, ok: Bool, detail: String)] {
         var out: [(String, Bool, String)] = []
-        let rows = try index.all().filter { $0.state == .ready && (ids == nil || ids!.contains($0.id)) }
+        let rows = catalog.all().filter { $0.state == .ready && (ids == nil || ids!.contains($0.id)) }
         for row in rows {
+            try Task.checkCancellation()
             guard let path = row.path else { continue }
             let job = Job(imageID: row.id, kind: .scrub, state: .verifying, bytesTotal: row.diskBytes)
-            record(job)
-            let asDownloaded = row.storedAsDownloaded
-            let result: (Bool, String) = try await offload {
-                if asDownloaded {
-                    let (algo, want) = row.osHashValue != nil ? (row.osHashAlgo ?? "sha512", row.osHashValue!) : ("md5", row.checksum ?? "")
-                    let got = try FileHasher.hash(path, algorithm: algo, token: CancellationToken())
-                    return got == want.lowercased() ? (true, "\(algo) matches") : (false, "\(algo) is \(got), Glance recorded \(want)")
-                }
-                let (v, _) = ImageInspector.inspect(path: path, declared: .raw)
-                return v.safe ? (true, "inspection clean") : (false, v.reasons.map(\.description).joined(separator: "; "))
+            jobs.record(job)
+            let outcome: Scrubber.Outcome
+            do {
+                outcome = try await offload(.jobs) { token in try Scrubber.verify(row, path: path, token: token) }
+            } catch {
+                jobs.update(job.id) { $0.state = error is CancellationError ? .cancelled : .error; $0.error = "\(error)" }
+                throw error
             }
-            if !result.0 {
-                unlink(path)
-                var r = row
-                r.state = .error
-                r.error = "scrub: \(result.1); the file was removed"
-                r.path = nil
-                r.diskBytes = 0
-                try index.save(r)
+            // The row may have changed (evicted, re-fetched) while the file was hashed.
+            guard var current = catalog.get(row.id), current.path == path else { continue }
+            if outcome.ok == false {
+                removeFiles(current)
+                current.state = .error
+                current.error = "scrub: \(outcome.detail); the file was removed"
+                current.path = nil
+                current.diskBytes = 0
+                catalog.save(current)
                 metrics.errors["scrub", default: 0] += 1
-                logger.error("scrub found a corrupt image", metadata: ["image": "\(row.id)", "detail": "\(result.1)"])
-            } else {
-                var r = row
-                r.verifiedAt = Date().timeIntervalSince1970
-                try index.save(r)
+                logger.error("scrub found a corrupt image", metadata: ["image": "\(row.id)", "detail": "\(outcome.detail)"])
+            } else if outcome.ok == true {
+                current.verifiedAt = Date().timeIntervalSince1970
+                catalog.save(current)
             }
-            update(job.id) { $0.state = result.0 ? .ready : .error; $0.error = result.0 ? nil : result.1
-                $0.finishedAt = Date().timeIntervalSince1970; $0.bytesDone = row.diskBytes }
-            out.append((row.id, result.0, result.1))
+            let ok = outcome.ok != false
+            jobs.update(job.id) { $0.state = ok ? .ready : .error; $0.error = ok ? nil : outcome.detail; $0.bytesDone = row.diskBytes }
+            out.append((row.id, ok, outcome.detail))
         }
         return out
     }
 
-    /// Cancels running fetches (their temporary files are removed) and waits for them: graceful shutdown.
+    /// Cancels running fetches and scrubs and waits for them (their temporary files are removed on the way out),
+    /// then the pending unlinks and index writes: graceful shutdown.
     public func shutdown() async {
         let tasks = inflight.values.map(\.task)
+        let scrubbing = Array(scrubs.values)
         for t in tasks { t.cancel() }
+        for t in scrubbing { t.cancel() }
         for t in tasks { _ = try? await t.value }
+        for t in scrubbing { _ = try? await t.value }
+        for t in Array(removals.values) { await t.value }
+        await catalog.flush()
         events.finishAll()
     }
+
+    /// Waits until every index write so far is persisted (tests).
+    public func flushIndex() async { await catalog.flush() }
 }

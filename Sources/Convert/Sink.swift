@@ -100,10 +100,11 @@ public final class RawFileSink: ImageSink {
     let inPlace: Bool
     private var size: UInt64 = 0
 
-    /// `unit` is the zero-detection granularity (qemu-img's -S).
-    public init(path: String, unit: Int = 4096, preallocation: Preallocation = .off, inPlace: Bool = false) {
+    /// `unit` is the zero-detection granularity (qemu-img's -S); `mode` the new file's permission bits.
+    public init(path: String, unit: Int = 4096, preallocation: Preallocation = .off, inPlace: Bool = false,
+                mode: mode_t = 0o644) {
         self.unit = unit
-        self.file = OutputFile(path: path, inPlace: inPlace)
+        self.file = OutputFile(path: path, inPlace: inPlace, mode: mode)
         self.preallocation = preallocation
         self.inPlace = inPlace
     }

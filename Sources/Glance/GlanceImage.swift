@@ -73,6 +73,17 @@ public struct GlanceImage: Sendable, Equatable, Codable {
 
 /// Image ids are UUIDs in Glance. Anything else is refused before it reaches a URL or a path.
 public enum ImageID {
+    /// The canonical form of an id given at an edge (the control API, the config file): lower case, or nil when it
+    /// is not a UUID. Ids are normalised once, there; everything inside takes only canonical ids.
+    public static func normalized(_ s: String) -> String? {
+        isValid(s) ? s.lowercased() : nil
+    }
+
+    /// A UUID in lower case, as Glance writes ids and as the cache names files.
+    public static func isCanonical(_ s: String) -> Bool {
+        isValid(s) && !s.utf8.contains { $0 >= 65 && $0 <= 70 }
+    }
+
     public static func isValid(_ s: String) -> Bool {
         let u = Array(s.utf8)
         guard u.count == 36 else { return false }

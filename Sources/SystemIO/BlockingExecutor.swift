@@ -80,6 +80,17 @@ public func offload<T: Sendable>(_ lane: BlockingExecutor.Lane = .calls, executo
     try await offload(lane, executor: executor) { (_: CancellationToken) in try work() }
 }
 
+/// Runs blocking clean-up (removing a temporary file, closing a descriptor) on the executor and waits for it,
+/// whether or not the calling task is cancelled: the one kind of work a cancellation must never skip.
+public func cleanup(executor: BlockingExecutor = .shared, _ work: @escaping @Sendable () -> Void) async {
+    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+        executor.submit(.calls) {
+            work()
+            c.resume()
+        }
+    }
+}
+
 /// A fixed set of threads taking closures from one FIFO queue.
 final class ThreadPool: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)

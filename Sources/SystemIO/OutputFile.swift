@@ -7,7 +7,9 @@ import Glibc
 ///
 /// The file gets exactly `mode` whatever the process's umask (fchmod after create): cache files are read by
 /// qemu as another user, and the agent never changes the umask after start-up.
-public final class OutputFile {
+///
+/// One owner at a time: it may be handed from thread to thread (the executor's), never used from two at once.
+public final class OutputFile: @unchecked Sendable {
     public let path: String
     public private(set) var temporaryPath: String?
     public private(set) var fd: Int32 = -1

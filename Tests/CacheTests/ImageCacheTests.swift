@@ -1,5 +1,7 @@
+import Crypto
 import Foundation
 import Glance
+import ImageFixture
 import ImageFormats
 import Testing
 @testable import Cache
@@ -255,3 +257,103 @@ struct FullDiskTests {
         #expect(try await cache.image(small)?.state == .ready)
     }
 }
+
+/// The pieces the cache is made of, and what the split fixed.
+@Suite("image cache parts")
+struct ImageCachePartsTests {
+    func makeCache(_ dir: String, source: FakeSource, forceRaw: Bool = false) throws -> ImageCache {
+        try ImageCache(config: CacheConfig(directory: dir, maxSize: 8 << 30, layout: .id, forceRaw: forceRaw), source: source)
+    }
+
+    /// Glance has no hash for the image (verify_hash off): the scrub compares with the sha512 the download
+    /// recorded, and never deletes a good file for want of a hash.
+    @Test func scrubUsesTheHashRecordedAtDownloadWhenGlanceHasNone() async throws {
+        let dir = try temporaryDirectory("scrub-recorded")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        let bytes = pseudoRandom(400_000, seed: 11)
+        let id = source.add(bytes, withoutHashes: true)
+        let cache = try makeCache(dir, source: source)
+        let row = try await cache.fetch(id)
+        #expect(row.recordedHashAlgo == "sha512")
+        #expect(row.recordedHash == hex(SHA512.hash(data: bytes)))
+        let clean = try await cache.scrub([id])
+        #expect(clean.count == 1 && clean[0].ok, "\(clean)")
+        #expect(clean.first?.detail.contains("the download recorded") == true)
+        #expect(FileManager.default.fileExists(atPath: row.path!), "a good file survives the scrub")
+        // Persisted: a new cache on the same index still knows the hash.
+        await cache.flushIndex()
+        let reopened = try makeCache(dir, source: source)
+        #expect(try await reopened.image(id)?.recordedHash == row.recordedHash)
+        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: row.path!))
+        try h.seek(toOffset: 7)
+        h.write(Data([0x42]))
+        try h.close()
+        let bad = try await reopened.scrub([id])
+        #expect(bad.count == 1 && !bad[0].ok)
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(!FileManager.default.fileExists(atPath: row.path!))
+    }
+
+    @Test func idsMustBeCanonical() async throws {
+        let dir = try temporaryDirectory("canonical")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        let id = source.add(pseudoRandom(10_000, seed: 1))
+        let cache = try makeCache(dir, source: source)
+        // The edges normalise; inside, an upper-case id is a bug, refused before it names a file.
+        await #expect(throws: CacheError.invalidID(id.uppercased())) { try await cache.fetch(id.uppercased()) }
+        #expect(ImageID.normalized(id.uppercased()) == id)
+        #expect(ImageID.normalized("not-a-uuid") == nil)
+        _ = try await cache.fetch(ImageID.normalized(id.uppercased())!)
+        #expect(cacheFiles(dir) == [id])
+    }
+
+    @Test func evictionPlanTakesLeastRecentlyUsedFirstAndStopsWhenItFits() {
+        func row(_ n: Int, bytes: UInt64) -> CachedImage {
+            var r = CachedImage(id: String(format: "00000000-0000-0000-0000-%012d", n), diskFormat: "raw", state: .ready)
+            r.diskBytes = bytes
+            return r
+        }
+        let rows = [row(1, bytes: 100), row(2, bytes: 300), row(3, bytes: 50)]
+        let plan = EvictionPlan.make(needed: 350, alreadyReserved: 0, used: 450, reservedByOthers: 100, maxSize: 600,
+                                     minFree: 0, freeBytes: nil, candidates: rows)
+        #expect(plan?.victims.map(\.diskBytes) == [100, 300])
+        #expect(EvictionPlan.make(needed: 10, alreadyReserved: 0, used: 450, reservedByOthers: 0, maxSize: 600,
+                                  minFree: 0, freeBytes: nil, candidates: rows)?.victims == [])
+        #expect(EvictionPlan.make(needed: 700, alreadyReserved: 0, used: 0, reservedByOthers: 0, maxSize: 600,
+                                  minFree: 0, freeBytes: nil, candidates: rows) == nil)
+        // min_free: 120 bytes free, 100 must stay free: 50 more bytes need 30 freed.
+        #expect(EvictionPlan.make(needed: 50, alreadyReserved: 0, used: 0, reservedByOthers: 0, maxSize: 1 << 30,
+                                  minFree: 100, freeBytes: 120, candidates: rows)?.victims.map(\.diskBytes) == [100])
+    }
+
+    /// Shutdown in the middle of a force_raw conversion: the conversion stops (the executor's token), and neither
+    /// the download nor the half-written raw file stays.
+    @Test func shutdownStopsAForceRawConversionAndLeavesNoFiles() async throws {
+        let dir = try temporaryDirectory("cancel-raw")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        // A 2 GiB qcow2 that is all data (one pattern cluster, compressed, 32768 times): seconds of conversion.
+        let qcow2 = CompressedQcow2.make(clusters: 32768)
+        let id = source.add(qcow2, diskFormat: "qcow2")
+        let cache = try makeCache(dir + "/cache", source: source, forceRaw: true)
+        let fetch = Task { try await cache.fetch(id) }
+        var converting = false
+        for _ in 0..<600 where !converting {
+            try await Task.sleep(for: .milliseconds(50))
+            converting = cache.allJobs().last?.state == .converting
+        }
+        #expect(converting, "\(cache.allJobs())")
+        try await Task.sleep(for: .milliseconds(200))
+        let started = ContinuousClock.now
+        await cache.shutdown()
+        let took = started.duration(to: .now)
+        #expect(took < .seconds(3), "shutdown took \(took)")
+        await #expect(throws: CancellationError.self) { try await fetch.value }
+        #expect(cacheFiles(dir + "/cache") == [], "\(cacheFiles(dir + "/cache"))")
+        #expect(cache.allJobs().last?.state == .cancelled)
+        #expect(try await cache.image(id) == nil)
+    }
+}
+

@@ -1,4 +1,5 @@
 import Foundation
+import ImageFixture
 import ImageFormats
 import Testing
 #if canImport(Glibc)
@@ -263,4 +264,22 @@ struct ForeignOracleTests {
 
 extension Array where Element == UInt8 {
     func be64(_ o: Int) -> UInt64 { self[o..<(o + 8)].reduce(0) { $0 << 8 | UInt64($1) } }
+}
+
+/// The test fixture's fast compressed qcow2 is a qcow2 qemu-img finds clean and reads as the pattern.
+@Suite("image fixture", .enabled(if: qemuAvailable))
+struct ImageFixtureTests {
+    @Test func compressedQcow2IsValid() throws {
+        let dir = try temporaryDirectory("fixture")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let img = dir + "/pattern.qcow2"
+        FileManager.default.createFile(atPath: img, contents: Data(CompressedQcow2.make(clusters: 9000, byte: 0x33)))
+        let check = try run(["qemu-img", "check", img], allowFailure: true)
+        #expect(check.status == 0, "\(check.out)")
+        try run(["qemu-img", "convert", "-O", "raw", img, dir + "/out.raw"])
+        let expected = [UInt8](repeating: 0x33, count: 9000 * 65536)
+        #expect(FileManager.default.contents(atPath: dir + "/out.raw") == Data(expected))
+        let ours = try run([imgconvBinary, "inspect", img])
+        #expect(ours.out.contains(": safe"))
+    }
 }
