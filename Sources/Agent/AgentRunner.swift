@@ -6,7 +6,9 @@ import Dispatch
 import Foundation
 import Glance
 import Hummingbird
+import HummingbirdCore
 import Logging
+import SystemIO
 import NIOCore
 import ServiceLifecycle
 #if canImport(Glibc)
@@ -42,11 +44,10 @@ public enum AgentRunner {
                             bytesPerSecond: config.prefetch.bandwidthLimit)
     }
 
-    public static func makeCache(_ config: AgentConfig, source: any ImageSource, logger: Logger) throws -> ImageCache {
-        let c = CacheConfig(directory: config.cacheDirectory, indexPath: config.agent.stateDir + "/index.sqlite",
-                            maxSize: config.cache.maxSize, minFree: config.cache.minFree, layout: config.cache.layout,
-                            forceRaw: config.cache.forceRaw)
-        return try ImageCache(config: c, source: source, logger: logger)
+    public static func cacheConfig(_ config: AgentConfig) -> CacheConfig {
+        CacheConfig(directory: config.cacheDirectory, indexPath: config.agent.stateDir + "/index.sqlite",
+                    maxSize: config.cache.maxSize, minFree: config.cache.minFree, layout: config.cache.layout,
+                    forceRaw: config.cache.forceRaw)
     }
 
     /// `[rbd]` present: RBD clones. Absent: qcow2 overlays in the instances directory.
@@ -58,43 +59,50 @@ public enum AgentRunner {
             s.baseWait = Int(r.baseWait)
             return RBDBackend(settings: s, logger: logger)
         }
-        return LocalBackend(instancesDir: config.instancesDirectory, logger: logger)
+        return LocalBackend(instancesDir: config.instancesDirectory, stateDir: config.agent.stateDir, logger: logger)
     }
+
+    /// How long SIGTERM waits for running work to stop before the agent exits anyway.
+    static let shutdownDeadline = 4.5
 
     public static func run(config: AgentConfig, logger: Logger) async throws {
         let http = makeHTTPClient()
         let source = makeSource(config, http: http, logger: logger)
-        let cache: ImageCache
-        do {
-            cache = try makeCache(config, source: source, logger: logger)
-        } catch {
-            try? await http.shutdown()
-            throw error
-        }
         let socketPath = config.agent.socketPath
+        let cache: ImageCache
+        let bindPath: String
         do {
-            try prepareSocketPath(socketPath)
+            cache = try await ImageCache.open(config: cacheConfig(config), source: source, logger: logger)
+            bindPath = try await offload { try prepareSocketPath(socketPath) }
         } catch {
             try? await http.shutdown()
             throw error
         }
         let policy = PeerPolicy(allowedUIDs: config.agent.allowedUIDs, allowedGIDs: config.agent.allowedGIDs)
-        let disks = DiskService(backend: makeDiskBackend(config, logger: logger), source: source, cache: cache)
-        let router = ControlAPI.router(cache: cache, disks: disks, gcIdle: config.disks.gcIdle, policy: policy, logger: logger)
+        let limiter = ConnectionLimiter(cap: config.agent.maxConnectionsPerUID)
+        let disks = DiskService(backend: makeDiskBackend(config, logger: logger), source: source, cache: cache,
+                                maxSize: config.disks.maxSize, logger: logger)
+        let router = ControlAPI.router(cache: cache, disks: disks, gcIdle: config.disks.gcIdle)
         let groupID = try config.agent.socketGroup.map(Self.groupID)
         let mode = config.agent.socketMode
-        // The socket is born 0600 (umask) and opened up to the configured mode and group once it exists.
-        let oldMask = umask(0o177)
+        let idle = config.agent.idleTimeout
+        // The socket is bound inside a private directory (0700: nobody can connect while its mode is not yet the
+        // configured one), given its mode and group, and only then renamed into place. The umask is never touched.
+        let server = HTTPServerBuilder { responder in
+            GuardedHTTPChannel(http: HTTP1Channel(responder: responder, configuration: .init(idleTimeout: .milliseconds(Int64(idle * 1000)))),
+                               policy: policy, limiter: limiter, logger: logger)
+        }
         let app = Application(
             router: router,
-            configuration: .init(address: .unixDomainSocket(path: socketPath), serverName: "imgconv-agent"),
+            server: server,
+            configuration: .init(address: .unixDomainSocket(path: bindPath), serverName: "imgconv-agent"),
             onServerRunning: { _ in
-                umask(oldMask)
-                if let gid = groupID, chown(socketPath, UInt32.max, gid) != 0 {
-                    logger.error("cannot chgrp the control socket", metadata: ["errno": "\(errno)"])
+                do {
+                    try await offload { try publishSocket(bindPath, at: socketPath, mode: mode, group: groupID) }
+                    logger.notice("control API listening", metadata: ["socket": "\(socketPath)", "mode": "\(String(mode, radix: 8))"])
+                } catch {
+                    logger.critical("cannot publish the control socket", metadata: ["error": "\(error)"])
                 }
-                chmod(socketPath, mode_t(mode))
-                logger.notice("control API listening", metadata: ["socket": "\(socketPath)", "mode": "\(String(mode, radix: 8))"])
             },
             logger: logger
         )
@@ -110,7 +118,7 @@ public enum AgentRunner {
                 if config.disks.gcInterval > 0 && config.disks.gcIdle > 0 {
                     g.addTask {
                         while !Task.isCancelled {
-                            try? await Task.sleep(nanoseconds: UInt64(config.disks.gcInterval * 1e9))
+                            try? await Task.sleep(for: .seconds(config.disks.gcInterval))
                             if Task.isCancelled { break }
                             do {
                                 let removed = try await disks.backend.collectGarbage(idleSeconds: config.disks.gcIdle)
@@ -124,7 +132,7 @@ public enum AgentRunner {
                 if config.cache.scrubInterval > 0 {
                     g.addTask {
                         while !Task.isCancelled {
-                            try? await Task.sleep(nanoseconds: UInt64(config.cache.scrubInterval * 1e9))
+                            try? await Task.sleep(for: .seconds(config.cache.scrubInterval))
                             if Task.isCancelled { break }
                             _ = try? await cache.scrub()
                         }
@@ -132,7 +140,9 @@ public enum AgentRunner {
                 }
             }
         }
-        // SIGTERM / SIGINT: stop taking work, end event streams, abort running fetches, stop the server.
+        // SIGTERM / SIGINT: stop taking work, cancel every job (each removes what it half made), end event streams,
+        // stop the server. Whatever has not stopped after `shutdownDeadline` is left: the agent exits anyway,
+        // removing its temporary files on the way out (start-up removes any it could not).
         // A parent (a test runner, a shell script) may have started us with these blocked.
         var unblock = sigset_t()
         sigemptyset(&unblock)
@@ -141,15 +151,25 @@ public enum AgentRunner {
         pthread_sigmask(SIG_UNBLOCK, &unblock, nil)
         signal(SIGTERM, SIG_IGN)
         signal(SIGINT, SIG_IGN)
+        let cacheDirectory = cache.config.directory
         var sources: [DispatchSourceSignal] = []
         for sig in [SIGTERM, SIGINT] {
             let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
             s.setEventHandler {
                 logger.notice("shutting down", metadata: ["signal": "\(sig)"])
+                DispatchQueue.global().asyncAfter(deadline: .now() + shutdownDeadline) {
+                    logger.error("work still running after the shutdown deadline; exiting anyway", metadata: ["seconds": "\(shutdownDeadline)"])
+                    removeTemporaryFiles(cacheDirectory)
+                    unlink(socketPath)
+                    fflush(nil)
+                    _exit(0)
+                }
                 background.cancel()
                 Task {
-                    await cache.shutdown()
                     await group.triggerGracefulShutdown()
+                    async let d: Void = disks.shutdown()
+                    async let c: Void = cache.shutdown()
+                    _ = await (d, c)
                 }
             }
             s.resume()
@@ -162,26 +182,51 @@ public enum AgentRunner {
             logger.error("control API stopped", metadata: ["error": "\(error)"])
         }
         background.cancel()
+        await disks.shutdown()
         await cache.shutdown()
-        unlink(socketPath)
+        await cleanup { unlink(socketPath) }
         try? await http.shutdown()
         logger.notice("agent stopped")
     }
 
-    /// Makes the socket's directory, and removes a stale socket; refuses if another agent answers on it.
-    static func prepareSocketPath(_ path: String) throws {
+    /// Temporary files of unfinished writes in the cache directory (the last resort of a forced exit).
+    static func removeTemporaryFiles(_ directory: String) {
+        for name in FileSystem.list(directory) where name.hasPrefix(".") && name.contains(".imgconv-") && !name.hasPrefix(".imgconv-index") {
+            unlink(directory + "/" + name)
+        }
+        for name in FileSystem.list(directory) where name.hasPrefix("stream-") {
+            unlink(directory + "/" + name)
+        }
+    }
+
+    /// Gives the bound socket its mode and group, renames it to `path` and removes the private directory.
+    static func publishSocket(_ bound: String, at path: String, mode: UInt16, group: UInt32?) throws {
+        if let gid = group, chown(bound, UInt32.max, gid) != 0 { throw FileError("chgrp", path: bound, errno: errno) }
+        if chmod(bound, mode_t(mode)) != 0 { throw FileError("chmod", path: bound, errno: errno) }
+        if rename(bound, path) != 0 { throw FileError("rename to '\(path)'", path: bound, errno: errno) }
+        if let slash = bound.lastIndex(of: "/") { rmdir(String(bound[..<slash])) }
+    }
+
+    /// Makes the socket's directory, removes a stale socket (refusing if another agent answers on it), and makes
+    /// the private directory (0700) the socket is first bound in; returns the path to bind.
+    static func prepareSocketPath(_ path: String) throws -> String {
         guard let slash = path.lastIndex(of: "/") else { throw ConfigError("[agent] socket_path must be absolute") }
         let dir = String(path[..<slash])
-        if !dir.isEmpty { try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
+        if !dir.isEmpty { try FileSystem.makeDirectory(dir, mode: 0o755) }
         var st = stat()
-        guard lstat(path, &st) == 0 else { return }
-        guard (st.st_mode & S_IFMT) == S_IFSOCK else {
-            throw ConfigError("[agent] socket_path '\(path)' exists and is not a socket; remove it or choose another path")
+        if lstat(path, &st) == 0 {
+            guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+                throw ConfigError("[agent] socket_path '\(path)' exists and is not a socket; remove it or choose another path")
+            }
+            if socketAnswers(path) { throw ConfigError("another agent is listening on '\(path)'") }
+            unlink(path)
         }
-        if socketAnswers(path) {
-            throw ConfigError("another agent is listening on '\(path)'")
-        }
-        unlink(path)
+        let privateDir = "\(dir)/.imgconv-bind-\(getpid())"
+        for name in FileSystem.list(privateDir) { unlink("\(privateDir)/\(name)") }
+        rmdir(privateDir)
+        if mkdir(privateDir, 0o700) != 0 { throw FileError("mkdir", path: privateDir, errno: errno) }
+        if chmod(privateDir, 0o700) != 0 { throw FileError("chmod", path: privateDir, errno: errno) }
+        return privateDir + "/s"
     }
 
     static func socketAnswers(_ path: String) -> Bool {
@@ -219,17 +264,17 @@ struct Prefetcher: Sendable {
         guard !config.images.isEmpty || config.property != nil || config.tag != nil else { return }
         while !Task.isCancelled {
             await once()
-            try? await Task.sleep(nanoseconds: UInt64(max(1, config.interval) * 1e9))
+            try? await Task.sleep(for: .seconds(config.interval))
         }
     }
 
     func wanted() async throws -> [String] {
         var ids = config.images
         if let p = config.property {
-            ids += try await client.list(filters: [(p, "true"), ("status", "active")]).map(\.id)
+            ids += try await client.list(filters: [(p, "true"), ("status", "active")]).compactMap { ImageID.normalized($0.id) }
         }
         if let t = config.tag {
-            ids += try await client.list(filters: [("tag", t), ("status", "active")]).map(\.id)
+            ids += try await client.list(filters: [("tag", t), ("status", "active")]).compactMap { ImageID.normalized($0.id) }
         }
         var seen = Set<String>()
         return ids.filter { seen.insert($0).inserted }

@@ -21,6 +21,11 @@ public struct AgentConfig: Sendable {
         public var stateDir = "/var/lib/imgconv"
         /// Seconds of (almost) no CPU after which freed memory goes back to the system; 0: never.
         public var memoryTrimIdle: Double = 10
+        /// A connection that sends nothing (and is not being answered: event streams are exempt) this long is
+        /// closed.
+        public var idleTimeout: Double = 60
+        /// Open connections one peer uid may hold; more are answered 503 and closed.
+        public var maxConnectionsPerUID = 64
     }
     public enum AuthType: String, Sendable { case password, v3applicationcredential, none }
     public struct GlanceSection: Sendable {
@@ -77,6 +82,8 @@ public struct AgentConfig: Sendable {
         public var gcIdle: Double = 86400
         /// How often the agent looks for such bases (0: never).
         public var gcInterval: Double = 3600
+        /// The largest disk a request may ask for (`size`), default the largest virtual size imgconv reads.
+        public var maxSize: UInt64 = 64 << 40
     }
 
     public var agent = AgentSection()
@@ -186,7 +193,9 @@ public struct AgentConfig: Sendable {
         case ("agent", "allowed_uids"): agent.allowedUIDs = try Self.list(v).map(Self.id)
         case ("agent", "allowed_gids"): agent.allowedGIDs = try Self.list(v).map(Self.id)
         case ("agent", "state_dir"): agent.stateDir = try Self.path(v)
-        case ("agent", "memory_trim_idle"): agent.memoryTrimIdle = try Self.duration(v)
+        case ("agent", "memory_trim_idle"): agent.memoryTrimIdle = try Self.duration(v, zeroOr: 1...86400)
+        case ("agent", "idle_timeout"): agent.idleTimeout = try Self.duration(v, in: 1...86400)
+        case ("agent", "max_connections_per_uid"): agent.maxConnectionsPerUID = try Self.int(v, 1...10_000)
         case ("glance", "api_servers"): glance.apiServers = try Self.list(v).map(Self.url)
         case ("glance", "auth_type"):
             guard let t = AuthType(rawValue: v) else { throw ConfigError("'\(v)' is not one of password, v3applicationcredential, none") }
@@ -207,13 +216,13 @@ public struct AgentConfig: Sendable {
         case ("glance", "verify_hash"): glance.verifyHash = try Self.bool(v)
         case ("glance", "num_retries"): glance.retries = try Self.int(v, 0...100)
         case ("cache", "directory"): cache.directory = try Self.path(v)
-        case ("cache", "max_size"): cache.maxSize = try Self.size(v)
-        case ("cache", "min_free"): cache.minFree = try Self.size(v)
+        case ("cache", "max_size"): cache.maxSize = try Self.size(v, in: (1 << 20)...(1 << 50))
+        case ("cache", "min_free"): cache.minFree = try Self.size(v, in: 0...(1 << 50))
         case ("cache", "layout"):
             guard let l = CacheConfig.Layout(rawValue: v) else { throw ConfigError("'\(v)' is not nova or id") }
             cache.layout = l
         case ("cache", "force_raw"): cache.forceRaw = try Self.bool(v)
-        case ("cache", "scrub_interval"): cache.scrubInterval = try Self.duration(v)
+        case ("cache", "scrub_interval"): cache.scrubInterval = try Self.duration(v, zeroOr: 60...(365 * 86400))
         case ("prefetch", "images"):
             prefetch.images = try Self.list(v).map { id in
                 guard ImageID.isValid(id) else { throw ConfigError("'\(id)' is not an image id (a UUID)") }
@@ -221,22 +230,24 @@ public struct AgentConfig: Sendable {
             }
         case ("prefetch", "property"): prefetch.property = v.isEmpty ? nil : try Self.token(v)
         case ("prefetch", "tag"): prefetch.tag = v.isEmpty ? nil : v
-        case ("prefetch", "interval"): prefetch.interval = try Self.duration(v)
+        case ("prefetch", "interval"): prefetch.interval = try Self.duration(v, in: 1...(30 * 86400))
         case ("prefetch", "concurrency"): prefetch.concurrency = try Self.int(v, 1...64)
         case ("prefetch", "bandwidth_limit"):
-            let b = try Self.size(v)
+            let b = try Self.size(v, in: 0...(1 << 40))
+            guard b == 0 || b >= 64 << 10 else { throw ConfigError("'\(v)' is below 64K (bytes per second); 0 means no limit") }
             prefetch.bandwidthLimit = b == 0 ? nil : b
         case ("rbd", "pool"): rbd!.pool = try Self.token(v)
         case ("rbd", "ceph_conf"): rbd!.cephConf = try Self.path(v)
         case ("rbd", "user"): rbd!.user = try Self.token(v.hasPrefix("client.") ? String(v.dropFirst(7)) : v)
         case ("rbd", "keyring"): rbd!.keyring = try Self.path(v)
         case ("rbd", "connect_timeout"): rbd!.connectTimeout = try Self.int(v, 1...600)
-        case ("rbd", "lease"): rbd!.lease = max(3, try Self.duration(v))
-        case ("rbd", "base_wait"): rbd!.baseWait = try Self.duration(v)
+        case ("rbd", "lease"): rbd!.lease = try Self.duration(v, in: 3...3600)
+        case ("rbd", "base_wait"): rbd!.baseWait = try Self.duration(v, in: 1...(7 * 86400))
         case ("rbd", "nova_conf"): rbd!.novaConf = try Self.path(v)
         case ("disks", "instances_dir"): disks.instancesDir = try Self.path(v)
-        case ("disks", "gc_idle"): disks.gcIdle = try Self.duration(v)
-        case ("disks", "gc_interval"): disks.gcInterval = try Self.duration(v)
+        case ("disks", "gc_idle"): disks.gcIdle = try Self.duration(v, in: 0...(3650 * 86400))
+        case ("disks", "gc_interval"): disks.gcInterval = try Self.duration(v, zeroOr: 1...(30 * 86400))
+        case ("disks", "max_size"): disks.maxSize = try Self.size(v, in: (1 << 20)...(64 << 40))
         default:
             throw ConfigError("unknown key")
         }
@@ -305,6 +316,47 @@ public struct AgentConfig: Sendable {
         return v
     }
 
+    /// A size within `range`.
+    static func size(_ v: String, in range: ClosedRange<UInt64>) throws -> UInt64 {
+        let n = try size(v)
+        guard range.contains(n) else {
+            throw ConfigError("'\(v)' is out of range: \(humanBytes(range.lowerBound)) to \(humanBytes(range.upperBound))")
+        }
+        return n
+    }
+
+    /// A duration within `range` seconds.
+    static func duration(_ v: String, in range: ClosedRange<Double>) throws -> Double {
+        let d = try duration(v)
+        guard range.contains(d) else {
+            throw ConfigError("'\(v)' is out of range: \(humanSeconds(range.lowerBound)) to \(humanSeconds(range.upperBound))")
+        }
+        return d
+    }
+
+    /// 0 (off) or a duration within `range`.
+    static func duration(_ v: String, zeroOr range: ClosedRange<Double>) throws -> Double {
+        let d = try duration(v)
+        guard d == 0 || range.contains(d) else {
+            throw ConfigError("'\(v)' is out of range: 0 (off) or \(humanSeconds(range.lowerBound)) to \(humanSeconds(range.upperBound))")
+        }
+        return d
+    }
+
+    static func humanBytes(_ n: UInt64) -> String {
+        for (suffix, shift) in [("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)] where n >= 1 << UInt64(shift) && n % (1 << UInt64(shift)) == 0 {
+            return "\(n >> UInt64(shift))\(suffix)"
+        }
+        return "\(n)"
+    }
+
+    static func humanSeconds(_ s: Double) -> String {
+        for (suffix, unit) in [("d", 86400.0), ("h", 3600), ("m", 60)] where s >= unit && s.truncatingRemainder(dividingBy: unit) == 0 {
+            return "\(Int(s / unit))\(suffix)"
+        }
+        return "\(s == s.rounded() ? "\(Int(s))" : "\(s)")s"
+    }
+
     /// `50G`, `512M`, `1.5T`, `4096` (bytes); binary units as in nova.conf's sizes.
     public static func size(_ v: String) throws -> UInt64 {
         let s = v.trimmingCharacters(in: .whitespaces).uppercased()
@@ -331,7 +383,9 @@ public struct AgentConfig: Sendable {
             mult = m
             number = String(s.dropLast())
         }
-        guard let d = Double(number), d >= 0, d.isFinite else { throw ConfigError("'\(v)' is not a duration such as 300, 10m or 2h") }
+        guard let d = Double(number), d >= 0, d.isFinite, (d * mult).isFinite else {
+            throw ConfigError("'\(v)' is not a duration such as 300, 10m or 2h")
+        }
         return d * mult
     }
 }

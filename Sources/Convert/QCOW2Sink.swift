@@ -55,11 +55,21 @@ public final class QCOW2Sink: ImageSink {
         self.file = OutputFile(path: path)
     }
 
+    /// The largest image this writer makes: the largest virtual size imgconv reads (64 TiB), so the L1 table it
+    /// holds in memory stays small (128 Ki entries, 1 MiB, at 64 KiB clusters) whatever a caller asks for.
+    public static let maxVirtualSize: UInt64 = OpenOptions().maxVirtualSize
+
     public func begin(virtualSize: UInt64) throws {
-        self.virtualSize = virtualSize
-        try file.create()
+        guard virtualSize <= Self.maxVirtualSize else {
+            throw SinkError.invalidOption("a qcow2 of \(virtualSize) bytes: the largest is \(Self.maxVirtualSize)")
+        }
         let l2Entries = cs / 8
         let l1Entries = divRoundUp(virtualSize, cs * l2Entries)
+        guard l1Entries * 8 <= QCOW2Image.maxL1Bytes else {
+            throw SinkError.invalidOption("a qcow2 of \(virtualSize) bytes needs an L1 table over 32 MiB at this cluster size")
+        }
+        self.virtualSize = virtualSize
+        try file.create()
         l1 = [UInt64](repeating: 0, count: Int(l1Entries))
         l1Clusters = max(1, divRoundUp(l1Entries * 8, cs))
         tail = (1 + l1Clusters) * cs

@@ -1,6 +1,9 @@
 import Cache
+import Foundation
 import Glance
+import Logging
 import RBD
+import Synchronization
 
 /// A request for an instance's root disk, as `POST /v1/disks` takes it.
 public struct DiskRequest: Sendable, Equatable {
@@ -15,8 +18,9 @@ public struct DiskRequest: Sendable, Equatable {
         self.size = size
     }
 
-    /// Nova's name for an instance's root disk: `<instance_uuid>_disk`.
-    public var diskName: String { "\(instanceUUID.lowercased())_disk" }
+    /// Nova's name for an instance's root disk: `<instance_uuid>_disk` (the uuid is canonical: the edge
+    /// normalised it).
+    public var diskName: String { "\(instanceUUID)_disk" }
 }
 
 /// How a disk was made.
@@ -75,9 +79,12 @@ public enum DiskError: Error, Sendable, CustomStringConvertible {
     case exists(String)
     case notFound(String)
     case sizeTooSmall(requested: UInt64, virtualSize: UInt64)
+    case sizeTooLarge(requested: UInt64, max: UInt64)
     case imageNotActive(id: String, status: String)
     case unsafe(id: String, reasons: [String])
     case leaseLost(String)
+    /// Another agent took the build over and fenced this one (its cluster client is blocklisted).
+    case fenced
     case baseTimeout(id: String, seconds: Int)
     case busy(String)
     case ceph(CephError)
@@ -95,10 +102,14 @@ public enum DiskError: Error, Sendable, CustomStringConvertible {
             return "disk \(n) does not exist"
         case let .sizeTooSmall(requested, virtualSize):
             return "size \(requested) is smaller than the image's virtual size \(virtualSize); ask for at least \(virtualSize) bytes"
+        case let .sizeTooLarge(requested, max):
+            return "size \(requested) is larger than [disks] max_size (\(max) bytes)"
         case let .imageNotActive(id, status):
             return "image \(id) is '\(status)' in Glance, not 'active'"
         case let .unsafe(id, reasons):
             return "image \(id) was refused by the inspection: \(reasons.joined(separator: "; "))"
+        case .fenced:
+            return "another agent took over this base build and fenced this builder; its base is used instead"
         case let .leaseLost(what):
             return "lost the build lease on \(what) (another agent took it over after this one stalled); the partial base was removed"
         case let .baseTimeout(id, s):
@@ -126,6 +137,8 @@ public protocol DiskBackend: Sendable {
     func collectGarbage(idleSeconds: Double, images: Set<String>?) async throws -> [String]
     /// Counters for /metrics: disks made by method, bases built, take-overs from dead builders.
     var counters: [(name: String, value: Int)] { get }
+    /// Releases what the backend holds (the cluster connection) before the process exits.
+    func shutdown() async
 }
 
 extension DiskBackend {
@@ -134,30 +147,97 @@ extension DiskBackend {
     }
 
     public var counters: [(name: String, value: Int)] { [] }
+
+    public func shutdown() async {}
 }
 
-/// The front door: checks the request, asks Glance about the image, and hands it to the backend.
-public struct DiskService: Sendable {
+/// The front door: checks the request, asks Glance about the image, and hands it to the backend. Every create
+/// is a job (`JobBook`, kind `disk`): a caller may wait for it (`create`) or take the job and poll (`start`,
+/// `POST /v1/disks?wait=false`). Builds run in tasks of their own, so a client that hangs up does not abort a base
+/// other instances are waiting for; `shutdown` cancels them all.
+public final class DiskService: Sendable {
     public let backend: any DiskBackend
     public let source: any ImageSource
     public let cache: ImageCache
+    public var jobs: JobBook { cache.jobs }
+    /// `[disks] max_size`.
+    public let maxSize: UInt64
+    let logger: Logger
+    private let running = Mutex<[String: Task<DiskInfo, Error>]>([:])
 
-    public init(backend: any DiskBackend, source: any ImageSource, cache: ImageCache) {
+    public init(backend: any DiskBackend, source: any ImageSource, cache: ImageCache, maxSize: UInt64 = 64 << 40,
+                logger: Logger = Logger(label: "imgconv.disks")) {
         self.backend = backend
         self.source = source
         self.cache = cache
+        self.maxSize = maxSize
+        self.logger = logger
     }
 
+    /// Makes the disk and waits for it.
     public func create(_ request: DiskRequest) async throws -> DiskInfo {
-        guard ImageID.isValid(request.instanceUUID) else { throw DiskError.invalidID(field: "instance_uuid", value: request.instanceUUID) }
-        guard ImageID.isValid(request.imageID) else { throw DiskError.invalidID(field: "image_id", value: request.imageID) }
+        let (_, task) = try begin(request)
+        return try await task.value
+    }
+
+    /// Starts making the disk and returns its job at once.
+    public func start(_ request: DiskRequest) throws -> Job {
+        try begin(request).job
+    }
+
+    private func begin(_ request: DiskRequest) throws -> (job: Job, task: Task<DiskInfo, Error>) {
+        try validate(request)
+        let job = Job(imageID: request.imageID, kind: .disk, state: .building, disk: request.diskName)
+        jobs.record(job)
+        let task = Task { () throws -> DiskInfo in
+            defer { _ = self.running.withLock { $0.removeValue(forKey: job.id) } }
+            do {
+                let info = try await self.make(request)
+                self.jobs.update(job.id) { $0.state = .ready }
+                return info
+            } catch {
+                let cancelled = error is CancellationError
+                self.jobs.update(job.id) { $0.state = cancelled ? .cancelled : .error; $0.error = "\(error)" }
+                throw error
+            }
+        }
+        running.withLock { $0[job.id] = task }
+        return (job, task)
+    }
+
+    /// The request's ids must be canonical (the control API normalises them) and its size within bounds.
+    func validate(_ request: DiskRequest) throws {
+        guard ImageID.isCanonical(request.instanceUUID) else { throw DiskError.invalidID(field: "instance_uuid", value: request.instanceUUID) }
+        guard ImageID.isCanonical(request.imageID) else { throw DiskError.invalidID(field: "image_id", value: request.imageID) }
+        if let size = request.size, size > maxSize { throw DiskError.sizeTooLarge(requested: size, max: maxSize) }
+    }
+
+    private func make(_ request: DiskRequest) async throws -> DiskInfo {
         let image = try await source.show(request.imageID)
         guard image.status == "active" else { throw DiskError.imageNotActive(id: image.id, status: image.status) }
         return try await backend.create(request, image: image, cache: cache, source: source)
     }
 
-    /// `<uuid>_disk` and nothing else: names reach Ceph and paths.
-    public static func validateName(_ name: String) throws {
-        guard name.hasSuffix("_disk"), ImageID.isValid(String(name.dropLast(5))) else { throw DiskError.invalidName(name) }
+    /// Cancels every create in flight and waits for them (each removes what it had half made).
+    public func shutdown() async {
+        let tasks = running.withLock { Array($0.values) }
+        for t in tasks { t.cancel() }
+        for t in tasks { _ = try? await t.value }
+        await backend.shutdown()
     }
+
+    /// `<uuid>_disk` and nothing else: names reach Ceph and paths. Returns the canonical name.
+    public static func validateName(_ name: String) throws {
+        guard name.hasSuffix("_disk"), ImageID.isCanonical(String(name.dropLast(5))) else { throw DiskError.invalidName(name) }
+    }
+
+    /// The canonical form of a disk name given at an edge, or nil.
+    public static func normalizedName(_ name: String) -> String? {
+        guard name.hasSuffix("_disk"), let id = ImageID.normalized(String(name.dropLast(5))) else { return nil }
+        return id + "_disk"
+    }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

@@ -1,50 +1,30 @@
-import SystemIO
 import Cache
-import Convert
 import Foundation
 import Glance
-import ImageFormats
 import Logging
 import RBD
 import Synchronization
+import SystemIO
 
-/// `[rbd]` settings.
-public struct RBDSettings: Sendable, Equatable {
-    /// Where instance disks and shared bases go (Nova's `images_rbd_pool`).
-    public var pool = "vms"
-    public var ceph: CephConfiguration
-    /// Seconds an import lease lasts without renewal: how long other agents wait after an importer died.
-    public var leaseSeconds = 30
-    /// Seconds an agent waits for another agent's import of the same base before giving up.
-    public var baseWait = 3600
-    /// Shared bases are `<prefix><image_id>` with the protected snapshot `snapshot`.
-    public var basePrefix = "imgconv-base-"
-    public var snapshot = "imgconv"
-    /// log2 of the RBD object size of bases (22: 4 MiB, Ceph's default).
-    public var order = 22
-
-    public init(ceph: CephConfiguration) { self.ceph = ceph }
-}
-
-/// Instance disks as RBD clones, Nova's `images_type = rbd` layout: `<pool>/<instance_uuid>_disk`.
+/// Instance disks as RBD clones, Nova's `images_type = rbd` layout: `<pool>/<instance_uuid>_disk`. This type is
+/// the facade; each job is in its own place:
 ///
-/// - Glance clone: the image is raw and Glance keeps it in this cluster (`rbd://<fsid>/<pool>/<image>/<snap>`):
-///   clone that snapshot. Nothing is downloaded or written.
-/// - Shared base: otherwise one base per Glance image, `<pool>/imgconv-base-<image_id>@imgconv`, built once
-///   cluster-wide: the image comes from the node cache (verified against Glance's hashes, inspected), is
-///   converted and streamed straight into RBD (data only), snapshotted, protected, and only then renamed to its
-///   final name. Every instance is a clone of it.
-/// - Cluster-wide single flight: the builder holds a RADOS lease (`rados_lock_exclusive` with a duration on the
-///   object `imgconv-lease.<image_id>`), renewed while it imports. Other agents poll for the final name; when
-///   the builder dies the lease expires in `leaseSeconds` and one of them takes over. A half-written base only
-///   ever exists under a `.part-<cookie>` name, which is never cloned and is removed by the next builder or GC.
-public final class RBDBackend: DiskBackend, @unchecked Sendable {
+/// - `GlanceClonePlanner`: the image is raw and Glance keeps it in this cluster: its snapshot is inspected and
+///   cloned. Nothing is downloaded or written.
+/// - `BaseBuilder` and `BuildLease`: otherwise one shared base per Glance image, built once cluster-wide under a
+///   fenced lease, and every instance is a clone of it.
+/// - `BaseGC`: bases nobody uses, and leftovers of dead builders.
+/// - `RBDPool`: the agent's cluster connection (builds have clients of their own).
+public final class RBDBackend: DiskBackend, Sendable {
     public let name = "rbd"
-    public let settings: RBDSettings
+    public var settings: RBDSettings { pool.settings }
+    let pool: RBDPool
+    let builder: BaseBuilder
+    let planner: GlanceClonePlanner
+    let gc: BaseGC
     let logger: Logger
-    private let connection = Mutex<IOContext?>(nil)
     /// Counters for /metrics and tests.
-    public let stats = Mutex(Stats())
+    public let stats = Counters()
 
     public struct Stats: Sendable, Equatable {
         public var glanceClones = 0
@@ -56,65 +36,58 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         }
     }
 
+    /// The counters, shared with the builder.
+    public final class Counters: Sendable {
+        private let value = Mutex(Stats())
+        public var snapshot: Stats { value.withLock { $0 } }
+        func add(_ counter: WritableKeyPath<Stats, Int> & Sendable) { value.withLock { $0[keyPath: counter] += 1 } }
+    }
+
     public var counters: [(name: String, value: Int)] {
-        let s = stats.withLock { $0 }
+        let s = stats.snapshot
         return [("glance_clones", s.glanceClones), ("base_clones", s.baseClones), ("bases_built", s.basesBuilt),
                 ("takeovers", s.takeovers)]
     }
 
     public init(settings: RBDSettings, logger: Logger = Logger(label: "imgconv.disks.rbd")) {
-        self.settings = settings
         self.logger = logger
+        pool = RBDPool(settings: settings, logger: logger)
+        builder = BaseBuilder(pool: pool, stats: stats, logger: logger)
+        planner = GlanceClonePlanner(pool: pool, logger: logger)
+        gc = BaseGC(pool: pool, logger: logger)
     }
 
-    /// The pool's I/O context, connecting on first use (and again after a failed attempt).
-    public func pool() async throws -> IOContext {
-        if let io = connection.withLock({ $0 }) { return io }
-        let settings = self.settings
-        let io = try await offload { () throws(CephError) -> IOContext in
-            try RadosCluster(settings.ceph).ioContext(pool: settings.pool)
-        }
-        connection.withLock { $0 = io }
-        return io
-    }
+    /// The disks pool's I/O context (tests, tools).
+    public func poolContext() async throws -> IOContext { try await pool.io() }
 
-    public func fsid() async throws -> String {
-        let io = try await pool()
-        return try await offload { try io.cluster.fsid() }
-    }
+    public func fsid() async throws -> String { try await pool.run { try $0.cluster.fsid() } }
 
-    func baseName(_ imageID: String) -> String { settings.basePrefix + imageID.lowercased() }
-    func leaseObject(_ imageID: String) -> String { "imgconv-lease.\(imageID.lowercased())" }
-    /// The cls lock on the lease object that builders (and GC) hold.
-    static let leaseName = "build"
+    public func shutdown() async { pool.close() }
 
     // MARK: create
 
     public func create(_ request: DiskRequest, image: GlanceImage, cache: ImageCache, source: any ImageSource) async throws -> DiskInfo {
         let started = ContinuousClock.now
-        let io = try await pool()
         let name = request.diskName
-        if try await offload { try io.imageExists(name) } { throw DiskError.exists(name) }
+        if try await pool.run(.calls) { try $0.imageExists(name) } { throw DiskError.exists(name) }
 
-        if let location = try await glanceLocation(image, io: io) {
-            var info = try await offload { [settings] in
-                try Self.cloneGlance(location, request: request, into: io, logger: self.logger, settings: settings)
-            }
+        if let location = try await planner.location(image) {
+            var info = try await planner.clone(location, request: request)
             info.seconds = started.duration(to: .now).seconds
-            stats.withLock { $0.glanceClones += 1 }
+            stats.add(\.glanceClones)
             return info
         }
 
-        let (base, built, written, virtualSize) = try await ensureBase(image, io: io, cache: cache, source: source)
+        let base = try await builder.ensure(image, cache: cache, source: source)
         let snapshot = settings.snapshot
-        var info = try await offload { () throws -> DiskInfo in
-            let size = try Self.clone(io, base, snapshot, virtualSize: virtualSize, request: request, into: io)
+        var info = try await pool.run { io throws -> DiskInfo in
+            let size = try Self.clone(io, base.name, snapshot, virtualSize: base.size, request: request, into: io)
             return DiskInfo(name: name, backend: "rbd", location: "\(io.pool)/\(name)", size: size,
-                            parent: "\(io.pool)/\(base)@\(snapshot)", imageID: image.id,
-                            method: built ? .baseBuilt : .baseReused, bytesWritten: written)
+                            parent: "\(io.pool)/\(base.name)@\(snapshot)", imageID: image.id,
+                            method: base.built ? .baseBuilt : .baseReused, bytesWritten: base.written)
         }
         info.seconds = started.duration(to: .now).seconds
-        stats.withLock { $0.baseClones += 1 }
+        stats.add(\.baseClones)
         logger.info("disk ready", metadata: ["disk": "\(info.location)", "method": "\(info.method!.rawValue)",
                                              "seconds": "\(info.seconds!)"])
         return info
@@ -140,276 +113,18 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
         return size
     }
 
-    /// Glance's own copy of a raw image in this cluster, when there is one: `rbd://fsid/pool/image/snap`.
-    func glanceLocation(_ image: GlanceImage, io: IOContext) async throws -> GlanceRBDLocation? {
-        guard image.diskFormat == "raw" else { return nil }
-        let candidates = image.locations.compactMap(GlanceRBDLocation.init)
-        guard !candidates.isEmpty else { return nil }
-        let fsid = try await offload { try io.cluster.fsid() }
-        return candidates.first { $0.fsid.lowercased() == fsid.lowercased() }
-    }
-
-    static func cloneGlance(_ loc: GlanceRBDLocation, request: DiskRequest, into io: IOContext, logger: Logger,
-                            settings: RBDSettings) throws -> DiskInfo {
-        let source = loc.pool == io.pool ? io : try io.cluster.ioContext(pool: loc.pool)
-        let parent = try source.openImage(loc.image, snapshot: loc.snapshot)
-        let virtualSize = try parent.stat().size
-        parent.close()
-        let size = try clone(source, loc.image, loc.snapshot, virtualSize: virtualSize, request: request, into: io)
-        logger.info("cloned Glance's rbd image", metadata: ["parent": "\(loc)", "disk": "\(io.pool)/\(request.diskName)"])
-        return DiskInfo(name: request.diskName, backend: "rbd", location: "\(io.pool)/\(request.diskName)", size: size,
-                        parent: "\(loc.pool)/\(loc.image)@\(loc.snapshot)", imageID: request.imageID, method: .glanceClone,
-                        bytesWritten: 0)
-    }
-
-    /// Records that a base was just used (GC counts idleness from its build or its last disk's removal; while it
-    /// has clones it is never idle).
+    /// Records that a base was just used (GC counts idleness from its build or its last disk's removal).
     static func touch(_ io: IOContext, _ base: String) throws {
         let img = try io.openImage(base)
         defer { img.close() }
         try img.setMetadata("imgconv.last_used", String(Int(Date().timeIntervalSince1970)))
     }
 
-    // MARK: shared bases
-
-    /// The base's virtual size if it is complete (it has its protected snapshot); nil if it does not exist.
-    func readyBase(_ io: IOContext, _ base: String) throws -> UInt64? {
-        do {
-            let img = try io.openImage(base, snapshot: settings.snapshot)
-            defer { img.close() }
-            return try img.stat().size
-        } catch let e as CephError where e.errno == ENOENT {
-            return nil
-        }
-    }
-
-    /// Returns the base's name once it is complete, building it if no other agent is: (name, built here, bytes
-    /// written, virtual size).
-    func ensureBase(_ image: GlanceImage, io: IOContext, cache: ImageCache, source: any ImageSource) async throws -> (String, Bool, UInt64, UInt64) {
-        let base = baseName(image.id)
-        let deadline = ContinuousClock.now + .seconds(settings.baseWait)
-        var delay = 0.05
-        var waited = false
-        while true {
-            if let size = try await offload { try self.readyBase(io, base) } { return (base, false, 0, size) }
-            let cookie = UUID().uuidString.lowercased()
-            let object = leaseObject(image.id), seconds = settings.leaseSeconds
-            let desc = "imgconv base build of \(image.id) on \(ProcessInfo.processInfo.hostName) pid \(getpid())"
-            if try await offload { try io.lease(object: object, name: Self.leaseName, cookie: cookie, description: desc, seconds: seconds, renew: false) } {
-                do {
-                    // Someone may have finished between our check and the lease.
-                    if let size = try await offload { try self.readyBase(io, base) } {
-                        try? await offload { try io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
-                        return (base, false, 0, size)
-                    }
-                    // Waited for another builder, and its base never appeared: it died, and this agent takes over.
-                    if waited { stats.withLock { $0.takeovers += 1 } }
-                    let written = try await build(image, base: base, cookie: cookie, io: io, cache: cache, source: source)
-                    try? await offload { try io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
-                    stats.withLock { $0.basesBuilt += 1 }
-                    guard let size = try await offload(.calls, { try self.readyBase(io, base) }) else {
-                        throw DiskError.io("base \(io.pool)/\(base) vanished right after it was built")
-                    }
-                    return (base, true, written, size)
-                } catch {
-                    try? await offload { try io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
-                    throw error
-                }
-            }
-            waited = true
-            guard ContinuousClock.now < deadline else { throw DiskError.baseTimeout(id: image.id, seconds: settings.baseWait) }
-            try await Task.sleep(for: .seconds(delay))
-            delay = min(delay * 1.5, 0.5)
-        }
-    }
-
-    /// Builds the base under the lease: the image is inspected and converted (or, raw and not cached, streamed
-    /// from Glance) into `<base>.part-<cookie>`, then snapshotted, protected and renamed. The lease is renewed
-    /// every third of its duration; if a renewal fails the copy stops and the part is removed.
-    func build(_ image: GlanceImage, base: String, cookie: String, io: IOContext, cache: ImageCache,
-               source: any ImageSource) async throws -> UInt64 {
-        let started = ContinuousClock.now
-        let object = leaseObject(image.id), seconds = settings.leaseSeconds, snapshot = settings.snapshot
-        // Leftovers of builders that died: their leases are gone (we hold it now), so their parts are garbage.
-        let leftovers = try await offload { try io.listImages().filter { $0.hasPrefix(base + ".part-") } }
-        for part in leftovers {
-            do { try await offload { try Self.removeWithSnapshots(io, part) } } catch {
-                logger.warning("could not remove an abandoned partial base yet", metadata: ["image": "\(part)", "error": "\(error)"])
-            }
-        }
-
-        let lost = Atomic<Bool>(false)
-        let renewer = Task {
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .seconds(Double(seconds) / 3))
-                if Task.isCancelled { return }
-                let held = (try? await offload { try io.lease(object: object, name: Self.leaseName, cookie: cookie, description: "", seconds: seconds, renew: true) }) ?? false
-                if !held { lost.store(true, ordering: .relaxed); return }
-            }
-        }
-        defer { renewer.cancel() }
-
-        let part = "\(base).part-\(cookie.prefix(8))"
-        let order = settings.order
-        let written: UInt64
-        if image.diskFormat == "raw", try await cache.image(image.id)?.state != .ready, let size = image.virtualSize ?? image.size {
-            // Raw and not on this node: straight from Glance into Ceph, hashes verified on the way, no local copy.
-            logger.info("building base from Glance", metadata: ["base": "\(io.pool)/\(base)", "image": "\(image.id)"])
-            let sink = RBDSink(io: io, name: part, order: order)
-            do {
-                try await offload { try sink.begin(virtualSize: size) }
-                _ = try await source.download(image, into: RBDStreamSink(sink, stop: { lost.load(ordering: .relaxed) }),
-                                              throttled: false, progress: nil)
-                try await offload {
-                    try sink.finish()
-                    let (verdict, _) = ImageInspector.inspect(storage: try RBDStorage(io.openImage(part, readOnly: true)), declared: .raw)
-                    guard verdict.safe else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
-                }
-            } catch {
-                sink.abort()
-                if lost.load(ordering: .relaxed) { throw DiskError.leaseLost("\(io.pool)/\(base)") }
-                throw error
-            }
-            written = sink.bytesWritten
-        } else if try await cache.image(image.id)?.state != .ready, let size = image.size,
-                  let format = CacheError.declaredFormat(diskFormat: image.diskFormat, containerFormat: image.containerFormat) {
-            written = try await streamConvert(image, format: format, size: size, part: part, io: io, cache: cache,
-                                              source: source, stop: { lost.load(ordering: .relaxed) })
-        } else {
-            let cached = try await cache.acquire(image.id)
-            defer { Task { await cache.release(image.id) } }
-            logger.info("image in cache", metadata: ["image": "\(image.id)", "seconds": "\(started.duration(to: .now).seconds)"])
-            guard let path = cached.path else { throw DiskError.io("image \(image.id) is cached without a file") }
-            let format = ImageFormat(rawValue: cached.storedFormat ?? cached.diskFormat) ?? .raw
-            logger.info("building base", metadata: ["base": "\(io.pool)/\(base)", "from": "\(path)", "format": "\(format.rawValue)"])
-            written = try await offload { () throws -> UInt64 in
-                let (verdict, opened) = ImageInspector.inspect(path: path, declared: format)
-                guard verdict.safe, let opened else {
-                    throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description))
-                }
-                let sink = RBDSink(io: io, name: part, order: order)
-                do {
-                    try Converter(cancel: { lost.load(ordering: .relaxed) }).convert(opened, to: sink)
-                } catch SinkError.cancelled {
-                    throw DiskError.leaseLost("\(io.pool)/\(base)")
-                }
-                return sink.bytesWritten
-            }
-        }
-        try await offload {
-            // Publish only while still holding the lease: a stalled builder whose lease expired must not.
-            guard try io.lease(object: object, name: Self.leaseName, cookie: cookie, description: "", seconds: seconds, renew: true) else {
-                try? Self.removeWithSnapshots(io, part)
-                throw DiskError.leaseLost("\(io.pool)/\(base)")
-            }
-            do {
-                let img = try io.openImage(part)
-                try img.createSnapshot(snapshot)
-                try img.protectSnapshot(snapshot)
-                try img.setMetadata("imgconv.image_id", image.id)
-                try img.setMetadata("imgconv.last_used", String(Int(Date().timeIntervalSince1970)))
-                img.close()
-                try io.renameImage(part, to: base)
-            } catch {
-                try? Self.removeWithSnapshots(io, part)
-                throw error
-            }
-        }
-        logger.info("base ready", metadata: ["base": "\(io.pool)/\(base)", "bytes_written": "\(written)",
-                                             "seconds": "\(started.duration(to: .now).seconds)"])
-        return written
-    }
-
-    /// Not on this node: the download goes to a private file next to the cache while the converter follows it
-    /// (`GrowingFileStorage`: reads wait for the bytes), streaming into the part as the data arrives. The format's
-    /// reader opens the declared format directly, bounds-checked as always; the full inspection (detection,
-    /// polyglots, structure) runs on the complete file once its hashes matched (alongside the converter's last
-    /// writes), and the part is published only if it is clean. Nothing raw is ever stored locally.
-    func streamConvert(_ image: GlanceImage, format: ImageFormat, size: UInt64, part: String, io: IOContext,
-                       cache: ImageCache, source: any ImageSource, stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
-        let started = ContinuousClock.now
-        let file = try GrowingFile(path: "\(cache.config.directory)/stream-\(part.suffix(8))", size: size)
-        defer { file.close() }
-        logger.info("building base while downloading", metadata: ["base": "\(io.pool)/\(part)", "format": "\(format.rawValue)"])
-        let download = Task {
-            do {
-                let r = try await source.download(image, into: file, throttled: false, progress: nil)
-                try file.finish(failure: nil)
-                return r
-            } catch {
-                try? file.finish(failure: "\(error)")
-                throw error
-            }
-        }
-        // The full inspection needs only the complete file: it runs as soon as the download is done, while the
-        // converter finishes its last writes.
-        let inspection = Task { () async throws -> [String] in
-            _ = try await download.value
-            let (verdict, _) = try await offload { ImageInspector.inspect(path: file.path, declared: format) }
-            return verdict.safe ? [] : verdict.reasons.map(\.description)
-        }
-        let order = settings.order
-        do {
-            let written = try await offload { () throws -> UInt64 in
-                defer { file.stopFollowing() }
-                let storage = GrowingFileStorage(file)
-                let opened: any DiskImage
-                switch format {
-                case .raw: opened = RawImage(storage: storage)
-                case .qcow2: opened = try QCOW2Image(storage: storage)
-                case .vmdk: opened = try VMDKImage(storage: storage)
-                case .vpc: opened = try VPCImage(storage: storage)
-                case .vdi: opened = try VDIImage(storage: storage)
-                }
-                let sink = RBDSink(io: io, name: part, order: order)
-                do {
-                    try Converter(cancel: stop).convert(opened, to: sink)
-                } catch SinkError.cancelled {
-                    throw DiskError.leaseLost(part)
-                }
-                return sink.bytesWritten
-            }
-            _ = try await download.value
-            logger.info("downloaded and converted", metadata: ["image": "\(image.id)", "seconds": "\(started.duration(to: .now).seconds)"])
-            let unsafe = try await inspection.value
-            guard unsafe.isEmpty else { throw DiskError.unsafe(id: image.id, reasons: unsafe) }
-            return written
-        } catch {
-            download.cancel()
-            file.stopFollowing()
-            try? file.finish(failure: "cancelled")
-            _ = try? await download.value
-            _ = try? await inspection.value
-            try? await offload { try Self.removeWithSnapshots(io, part) }
-            throw error
-        }
-    }
-
-    /// An image whose creator died inside `rbd_create` is listed but has no header (open: ENOENT);
-    /// `rbd_remove` still cleans up what there is.
-    static func removeWithSnapshots(_ io: IOContext, _ name: String) throws {
-        let img: RBDImage
-        do {
-            img = try io.openImage(name)
-        } catch {
-            guard error.errno == ENOENT else { throw error }
-            try io.removeImage(name)
-            return
-        }
-        for s in try img.snapshots() {
-            if try img.isProtected(s.name) { try img.unprotectSnapshot(s.name) }
-            try img.removeSnapshot(s.name)
-        }
-        img.close()
-        try io.removeImage(name)
-    }
-
     // MARK: list, get, remove, flatten
 
     public func list() async throws -> [DiskInfo] {
-        let io = try await pool()
         let prefix = settings.basePrefix
-        return try await offload {
+        return try await pool.run { io in
             try io.listImages().filter { $0.hasSuffix("_disk") }.compactMap { name -> DiskInfo? in
                 do { return try Self.info(io, name, basePrefix: prefix) } catch let e as CephError where e.errno == ENOENT { return nil }
             }
@@ -434,18 +149,16 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
 
     public func get(_ name: String) async throws -> DiskInfo {
         try DiskService.validateName(name)
-        let io = try await pool()
         let prefix = settings.basePrefix
-        return try await offload {
+        return try await pool.run { io in
             do { return try Self.info(io, name, basePrefix: prefix) } catch let e as CephError where e.errno == ENOENT { throw DiskError.notFound(name) }
         }
     }
 
     public func remove(_ name: String) async throws {
         try DiskService.validateName(name)
-        let io = try await pool()
         let prefix = settings.basePrefix
-        try await offload {
+        try await pool.run(.jobs) { io in
             let parent: ParentSpec?
             do {
                 let img = try io.openImage(name, readOnly: true)
@@ -463,9 +176,8 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
 
     public func flatten(_ name: String) async throws -> DiskInfo {
         try DiskService.validateName(name)
-        let io = try await pool()
         let prefix = settings.basePrefix
-        return try await offload {
+        return try await pool.run(.jobs) { io in
             do {
                 let before = try Self.info(io, name, basePrefix: prefix)
                 let img = try io.openImage(name)
@@ -482,65 +194,6 @@ public final class RBDBackend: DiskBackend, @unchecked Sendable {
     // MARK: garbage collection
 
     public func collectGarbage(idleSeconds: Double, images: Set<String>?) async throws -> [String] {
-        let io = try await pool()
-        let prefix = settings.basePrefix, snapshot = settings.snapshot, seconds = settings.leaseSeconds
-        let logger = self.logger
-        return try await offload { () throws -> [String] in
-            var removed: [String] = []
-            let now = Date().timeIntervalSince1970
-            for name in try io.listImages() where name.hasPrefix(prefix) {
-                let isPart = name.contains(".part-")
-                let imageID = String(name.dropFirst(prefix.count).prefix(36))
-                if let images, !images.contains(imageID) { continue }
-                let object = self.leaseObject(imageID)
-                // Never touch a base while a builder holds its lease.
-                let cookie = "gc-" + UUID().uuidString.lowercased()
-                guard (try? io.lease(object: object, name: Self.leaseName, cookie: cookie, description: "imgconv gc", seconds: seconds, renew: false)) == true else { continue }
-                defer { try? io.releaseLease(object: object, name: Self.leaseName, cookie: cookie) }
-                do {
-                    if !isPart {
-                        let atSnap = try io.openImage(name, snapshot: snapshot)
-                        let children = try atSnap.children()
-                        atSnap.close()
-                        guard children.isEmpty else { continue }
-                        let img = try io.openImage(name, readOnly: true)
-                        let lastUsed = Double(try img.metadata("imgconv.last_used") ?? "0") ?? 0
-                        img.close()
-                        guard now - lastUsed >= idleSeconds else { continue }
-                    }
-                    try Self.removeWithSnapshots(io, name)
-                    removed.append(name)
-                } catch {
-                    // A clone raced us (EBUSY on unprotect) or the image is still open (a dead client's watch lasts
-                    // until the OSDs time it out): keep it for the next round.
-                    logger.info("gc: not removed yet", metadata: ["image": "\(io.pool)/\(name)", "error": "\(error)"])
-                    continue
-                }
-            }
-            return removed
-        }
+        try await gc.collect(idleSeconds: idleSeconds, images: images)
     }
-}
-
-/// `rbd://<fsid>/<pool>/<image>/<snapshot>`, as Glance's rbd store writes its locations (components URL-encoded).
-public struct GlanceRBDLocation: Sendable, Equatable, CustomStringConvertible {
-    public var fsid: String
-    public var pool: String
-    public var image: String
-    public var snapshot: String
-
-    public init?(_ url: String) {
-        guard url.hasPrefix("rbd://") else { return nil }
-        let parts = url.dropFirst(6).split(separator: "/", omittingEmptySubsequences: false).map {
-            String($0).removingPercentEncoding ?? String($0)
-        }
-        guard parts.count == 4, !parts.contains(where: \.isEmpty) else { return nil }
-        (fsid, pool, image, snapshot) = (parts[0], parts[1], parts[2], parts[3])
-    }
-
-    public var description: String { "rbd://\(fsid)/\(pool)/\(image)/\(snapshot)" }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

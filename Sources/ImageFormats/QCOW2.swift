@@ -55,7 +55,7 @@ public final class QCOW2Image: DiskImage {
     static let extendedL2Bit: UInt64 = 1 << 4
     static let knownIncompatible: UInt64 = 0x1f
     // Hard limits, as qemu's: a 32 MiB L1 table, 65536 snapshots, an 8 MiB refcount table.
-    static let maxL1Bytes: UInt64 = 32 << 20
+    public static let maxL1Bytes: UInt64 = 32 << 20
     static let maxSnapshots: UInt32 = 65536
     /// The snapshot table is read whole into names and ids: bounded at 8 MiB (qemu allows 64 MiB; a real table
     /// is a few KiB), so a forged one cannot cost memory.

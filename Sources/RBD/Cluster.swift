@@ -1,5 +1,6 @@
 import SystemIO
 import CCeph
+import Synchronization
 import ImageFormats
 #if canImport(Glibc)
 import Glibc
@@ -59,14 +60,24 @@ public struct CephConfiguration: Sendable, Equatable {
 }
 
 /// A connected librados client. librados handles are thread-safe; every call blocks, so async callers run them
-/// on their own threads.
+/// on the executor.
+///
+/// Every client is shut down (`rados_shutdown`) before the process exits, when its owner drops the last reference
+/// (I/O contexts and images keep it alive while they are in use). A client still open when the process exits would have its threads (msgr-worker,
+/// io_context_pool, ceph_timer) running while exit() runs librados' static destructors under them: that was the
+/// crash at exit seen in the test process (boost::bad_get, SIGSEGV). `LiveClients` keeps the count; at exit with
+/// clients still open it names them and ends the process with _exit, as Ceph's own CLI does (ceph PR 33950).
 public final class RadosCluster: @unchecked Sendable {
+    private let state: Mutex<rados_t?>
     let handle: rados_t
     public let configuration: CephConfiguration
+    /// Who opened it, for the exit report ("RBDBackend pool vms").
+    public let label: String
 
     /// Connects, or throws within about `timeout` seconds when the mons cannot be reached.
-    public init(_ configuration: CephConfiguration) throws(CephError) {
+    public init(_ configuration: CephConfiguration, label: String = "client") throws(CephError) {
         self.configuration = configuration
+        self.label = label
         var h: rados_t?
         try check(rados_create(&h, configuration.user), "rados_create(client.\(configuration.user))")
         guard let h else { throw CephError("rados_create", errno: ENOMEM) }
@@ -91,9 +102,38 @@ public final class RadosCluster: @unchecked Sendable {
             throw error
         }
         handle = h
+        state = Mutex(h)
+        LiveClients.opened(self)
     }
 
-    deinit { rados_shutdown(handle) }
+    /// The last reference is gone, so no I/O context or image of this client is left: its threads stop here.
+    deinit { shutdown() }
+
+    private func shutdown() {
+        guard let h = state.withLock({ s -> rados_t? in
+            let h = s
+            s = nil
+            return h
+        }) else { return }
+        rados_shutdown(h)
+        LiveClients.closed(self)
+    }
+
+    /// This client's address, as lockers and the blocklist know it ("127.0.0.1:0/998250503").
+    public func address() throws(CephError) -> String {
+        var out: UnsafeMutablePointer<CChar>?
+        try check(rados_getaddrs(handle, &out), "rados_getaddrs")
+        defer { rados_buffer_free(out) }
+        return out.map { String(cString: $0) } ?? ""
+    }
+
+    /// Fences another client: the OSDs refuse its operations (ESHUTDOWN) from the next map epoch on, for
+    /// `seconds`. This waits for that epoch, so nothing this client does afterwards can race the fenced one.
+    public func blocklist(address: String, seconds: UInt32) throws(CephError) {
+        var a = Array(address.utf8CString)
+        try check(rados_blocklist_add(handle, &a, seconds), "rados_blocklist_add(\(address))")
+        try check(rados_wait_for_latest_osdmap(handle), "rados_wait_for_latest_osdmap")
+    }
 
     /// The cluster's fsid, as in `ceph fsid` and Glance's `rbd://<fsid>/...` locations.
     public func fsid() throws(CephError) -> String {
@@ -123,6 +163,51 @@ public final class RadosCluster: @unchecked Sendable {
 
     /// This client's unique id, as lockers see it ("client.4123").
     public var instanceID: UInt64 { rados_get_instance_id(handle) }
+}
+
+/// cls_lock's `assert_locked` input, Ceph-encoded: ENCODE_START(1, 1), name, type (1: exclusive), cookie, tag
+/// ("", as rados_lock_exclusive takes locks).
+struct ClsLockAssert {
+    var name: String
+    var cookie: String
+    var encoded: [UInt8] {
+        func string(_ s: String) -> [UInt8] { le32(UInt32(s.utf8.count)) + Array(s.utf8) }
+        func le32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: v >> (8 * UInt32($0))) } }
+        let body = string(name) + [1] + string(cookie) + string("")
+        return [1, 1] + le32(UInt32(body.count)) + body
+    }
+}
+
+/// The librados clients open in this process, and what to do about them at exit (see `RadosCluster`).
+public enum LiveClients {
+    private static let open = Mutex<[ObjectIdentifier: String]>([:])
+    private static let hook = Mutex(false)
+
+    static func opened(_ c: RadosCluster) {
+        open.withLock { $0[ObjectIdentifier(c)] = c.label }
+        hook.withLock { installed in
+            guard !installed else { return }
+            installed = true
+            on_exit({ status, _ in LiveClients.atExit(status) }, nil)
+        }
+    }
+
+    static func closed(_ c: RadosCluster) {
+        _ = open.withLock { $0.removeValue(forKey: ObjectIdentifier(c)) }
+    }
+
+    /// Labels of the clients still open.
+    public static var labels: [String] { open.withLock { Array($0.values) }.sorted() }
+
+    static func atExit(_ status: Int32) {
+        let still = labels
+        guard !still.isEmpty else { return }
+        let line = "imgconv: \(still.count) librados client(s) still open at exit (\(still.joined(separator: ", "))); "
+            + "ending without running librados' destructors under its threads\n"
+        line.withCString { _ = write(2, $0, strlen($0)) }
+        fflush(nil)
+        _exit(status)
+    }
 }
 
 /// Names separated by NUL, ended by an empty name.
@@ -254,6 +339,40 @@ public final class IOContext: @unchecked Sendable {
             return Array(zip(splitNulList(clients, cl), splitNulList(cookies, kl)).prefix(Int(n)))
                 .map { (client: $0.0, cookie: $0.1) }
         }
+    }
+
+    /// An extended attribute of a RADOS object; nil when the object or the attribute does not exist.
+    public func xattr(object: String, name: String) throws(CephError) -> [UInt8]? {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = rados_getxattr(handle, object, name, &buf, buf.count)
+        if n == -ENOENT || n == -ENODATA { return nil }
+        try check(n, "rados_getxattr(\(pool)/\(object), \(name))")
+        return buf[0..<Int(n)].map { UInt8(bitPattern: $0) }
+    }
+
+    /// Sets (or, with nil, removes) an extended attribute of `object` only while this client holds exclusive lock
+    /// `lock` with `cookie`: one atomic operation, asserted by the OSD (cls_lock's assert_locked). False when the
+    /// lock is no longer held (expired, taken over).
+    public func guardedSetXattr(object: String, lock: String, cookie: String, name: String, value: [UInt8]?) throws(CephError) -> Bool {
+        guard let op = rados_create_write_op() else { throw CephError("rados_create_write_op", errno: ENOMEM) }
+        defer { rados_release_write_op(op) }
+        let assertion = ClsLockAssert(name: lock, cookie: cookie).encoded
+        var prval: Int32 = 0
+        assertion.withUnsafeBufferPointer { a in
+            a.withMemoryRebound(to: CChar.self) { rados_write_op_exec(op, "lock", "assert_locked", $0.baseAddress, $0.count, &prval) }
+        }
+        if let value {
+            value.withUnsafeBufferPointer { v in
+                v.withMemoryRebound(to: CChar.self) { rados_write_op_setxattr(op, name, $0.baseAddress, $0.count) }
+            }
+        } else {
+            rados_write_op_rmxattr(op, name)
+        }
+        let r = rados_write_op_operate(op, handle, object, nil, 0)
+        if r == -EBUSY || r == -ENOENT || prval == -EBUSY || prval == -ENOENT { return false }
+        if value == nil && r == -ENODATA { return true }
+        try check(r, "rados_write_op_operate(\(pool)/\(object): assert \(lock) held, set \(name))")
+        return true
     }
 
     /// Removes a RADOS object (not an RBD image).

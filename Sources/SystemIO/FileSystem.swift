@@ -85,6 +85,22 @@ public enum FileSystem {
         }
     }
 
+    /// Up to `count` bytes from the start of a file (fewer at its end; nil when it cannot be opened).
+    public static func readPrefix(_ path: String, count: Int) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(done)) }
+            if n < 0 { if errno == EINTR { continue }; return nil }
+            if n == 0 { break }
+            done += n
+        }
+        return Array(buf[0..<done])
+    }
+
     /// The whole content of a small file, at most `limit` bytes (nil when missing or larger).
     public static func read(_ path: String, limit: Int = 1 << 20) -> [UInt8]? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)

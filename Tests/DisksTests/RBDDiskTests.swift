@@ -39,7 +39,7 @@ struct RBDDiskTests {
         #expect(second.bytesWritten == 0)
         #expect(second.seconds! < 5, "second instance took \(second.seconds!) s")
         #expect(try exported(second.location, dir: dir) == expected)
-        #expect(backend.stats.withLock { $0 } == RBDBackend.Stats(glanceClones: 0, basesBuilt: 1, baseClones: 2, takeovers: 0))
+        #expect(backend.stats.snapshot == RBDBackend.Stats(glanceClones: 0, basesBuilt: 1, baseClones: 2, takeovers: 0))
 
         // Listed, with their parent and image; the base itself is not a disk.
         let listed = try await backend.list().filter { [first.name, second.name].contains($0.name) }
@@ -54,7 +54,7 @@ struct RBDDiskTests {
         await #expect(throws: DiskError.self) { try await backend.remove(second.name) }
         #expect(try await backend.collectGarbage(idleSeconds: 3600, images: [id]).isEmpty)
         #expect(try await backend.collectGarbage(idleSeconds: 0, images: [id]) == ["imgconv-base-\(id)"])
-        #expect(try await !backend.pool().imageExists("imgconv-base-\(id)"))
+        #expect(try await !backend.poolContext().imageExists("imgconv-base-\(id)"))
     }
 
     @Test func sizesAndNames() async throws {
@@ -160,8 +160,8 @@ struct RBDDiskTests {
         }
         #expect(disks.filter { $0.method == .baseBuilt }.count == 1)
         #expect(disks.filter { $0.method == .baseReused }.count == 2)
-        #expect(nodes.map { $0.1.stats.withLock { $0.basesBuilt } }.reduce(0, +) == 1)
-        #expect(nodes.map { $0.1.stats.withLock { $0.takeovers } }.reduce(0, +) == 0)
+        #expect(nodes.map { $0.1.stats.snapshot.basesBuilt }.reduce(0, +) == 1)
+        #expect(nodes.map { $0.1.stats.snapshot.takeovers }.reduce(0, +) == 0)
         let expected = try expectedRaw("qcow2-zlib.qcow2", format: "qcow2", dir: dir)
         for d in disks { #expect(try exported(d.location, dir: dir) == expected) }
         for d in disks { try await nodes[0].1.remove(d.name) }
@@ -192,7 +192,7 @@ struct RBDDiskTests {
         let waited = Date().timeIntervalSince(started)
         #expect(waited >= 2, "built after \(waited) s, before the dead builder's lease expired")
         #expect(disk.method == .baseBuilt)
-        #expect(backend.stats.withLock { $0.takeovers } == 1)
+        #expect(backend.stats.snapshot.takeovers == 1)
         #expect(try exported(disk.location, dir: dir) == (try expectedRaw("vdi-dynamic.vdi", format: "vdi", dir: dir)))
         #expect(try !dead.imageExists(part))
         try await backend.remove(disk.name)
@@ -224,7 +224,7 @@ struct RBDDiskTests {
         let data = try exported(disk.location, dir: dir)
         #expect(data.prefix(bytes.count) == Data(bytes))
         #expect(data.count == 20 << 20 && data.suffix(from: bytes.count).allSatisfy { $0 == 0 })
-        #expect(backend.stats.withLock { $0.glanceClones } == 1)
+        #expect(backend.stats.snapshot.glanceClones == 1)
 
         // A qcow2 kept in Ceph cannot be cloned as a disk: it takes the base path instead.
         let q = try await upload("qcow2-zlib.qcow2", diskFormat: "qcow2", name: "disks-rbd-qcow2", store: store)

@@ -72,7 +72,7 @@ func upload(_ sample: String, diskFormat: String, name: String, store: String? =
 
 /// What is left in the pool of an image's base (and its parts) and of an instance's disk.
 func leftovers(_ backend: RBDBackend, image id: String, instance: String) async throws -> [String] {
-    try await backend.pool().listImages().filter { $0.contains(id) || $0.hasPrefix(instance) }
+    try await backend.poolContext().listImages().filter { $0.contains(id) || $0.hasPrefix(instance) }
 }
 
 func sampleBytes(_ name: String) throws -> [UInt8] {
