@@ -55,7 +55,7 @@ let package = Package(
         .target(
             name: "Glance",
             dependencies: [
-                "CLibCrypto",
+                "CLibCrypto", "SystemIO",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -104,27 +104,32 @@ struct GuardedHTTPChannel: ServerChildChannel {
     let logger: Logger
 
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
-        Self.peer(of: channel).flatMap { peer -> EventLoopFuture<Value> in
-            guard let peer else {
+        // The uid first: a connection over the cap costs one getsockopt and is gone (a flood must drain fast,
+        // since an allowed client's connection waits behind it in the accept queue).
+        Self.credentials(of: channel).flatMap { cred -> EventLoopFuture<Value> in
+            guard let cred else {
                 return refuse(channel, status: 403, message: "cannot read the peer's credentials", waitForRequest: false)
             }
-            guard limiter.admit(peer.uid) else {
-                if limiter.shouldLog(peer.uid) {
-                    self.logger.warning("refused a connection over the per-uid cap", metadata: ["peer": "\(peer)", "cap": "\(limiter.cap)"])
+            guard limiter.admit(cred.uid) else {
+                if limiter.shouldLog(cred.uid) {
+                    self.logger.warning("refused a connection over the per-uid cap", metadata: ["uid": "\(cred.uid)", "pid": "\(cred.pid)", "cap": "\(limiter.cap)"])
                 }
-                return refuse(channel, status: 503, message: "uid \(peer.uid) already has \(limiter.cap) connections open ([agent] max_connections_per_uid)",
-                              waitForRequest: false)
+                // The 503 goes straight to the socket, and the connection is closed: nothing else is set up.
+                channel.writeAndFlush(Self.overCap).whenComplete { _ in channel.close(promise: nil) }
+                return channel.eventLoop.makeSucceededFuture(.refused(channel))
             }
-            channel.closeFuture.whenComplete { _ in limiter.release(peer.uid) }
-            guard policy.allows(peer) else {
-                if limiter.shouldLog(peer.uid) {
-                    self.logger.warning("refused a control-socket peer", metadata: ["peer": "\(peer)", "groups": "\(peer.groups)"])
+            channel.closeFuture.whenComplete { _ in limiter.release(cred.uid) }
+            return Self.peer(cred, of: channel).flatMap { peer -> EventLoopFuture<Value> in
+                guard policy.allows(peer) else {
+                    if limiter.shouldLog(peer.uid) {
+                        self.logger.warning("refused a control-socket peer", metadata: ["peer": "\(peer)", "groups": "\(peer.groups)"])
+                    }
+                    return refuse(channel, status: 403,
+                                  message: "uid \(peer.uid) / gid \(peer.gid) is not allowed on this socket ([agent] allowed_uids, allowed_gids)",
+                                  waitForRequest: true)
                 }
-                return refuse(channel, status: 403,
-                              message: "uid \(peer.uid) / gid \(peer.gid) is not allowed on this socket ([agent] allowed_uids, allowed_gids)",
-                              waitForRequest: true)
+                return http.setup(channel: channel, logger: logger).map { .served($0) }
             }
-            return http.setup(channel: channel, logger: logger).map { .served($0) }
         }
     }
 
@@ -146,6 +151,8 @@ struct GuardedHTTPChannel: ServerChildChannel {
         return channel.eventLoop.makeSucceededFuture(.refused(channel))
     }
 
+    static let overCap = response(status: 503, message: "this uid has too many connections open ([agent] max_connections_per_uid)")
+
     static func response(status: Int, message: String) -> ByteBuffer {
         let reason = status == 403 ? "Forbidden" : "Service Unavailable"
         let body = (try? JSONSerialization.data(withJSONObject: ["error": ["code": status, "message": message]], options: [.sortedKeys])) ?? Data()
@@ -155,23 +162,22 @@ struct GuardedHTTPChannel: ServerChildChannel {
         return buffer
     }
 
-    /// The peer's credentials and supplementary groups; nil when the kernel does not say.
-    static func peer(of channel: any Channel) -> EventLoopFuture<Peer?> {
+    /// The peer's uid, gid and pid (SO_PEERCRED); nil when the kernel does not say.
+    static func credentials(of channel: any Channel) -> EventLoopFuture<ucred?> {
         guard let provider = channel as? SocketOptionProvider else { return channel.eventLoop.makeSucceededFuture(nil) }
         let cred: EventLoopFuture<ucred> = provider.unsafeGetSocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SO_PEERCRED)
-        return cred.flatMap { c -> EventLoopFuture<Peer?> in
-            // SO_PEERGROUPS (Linux 4.13): the groups at connect time, sorted. The buffer is zeroed and the length
-            // not returned, so zeros after the first entry are padding; a lone leading 0 is root's group only if
-            // the primary group says so too.
-            let groups: EventLoopFuture<PeerGroups> = provider.unsafeGetSocketOption(level: SocketOptionLevel(SOL_SOCKET),
-                                                                                  name: SocketOptionName(59))
-            return groups.map { g -> Peer? in
-                Peer(uid: c.uid, gid: c.gid, pid: c.pid, groups: g.list(primary: c.gid))
-            }.flatMapError { _ in
-                // More groups than fit (ERANGE), or an old kernel: the primary group only, as before.
-                channel.eventLoop.makeSucceededFuture(Peer(uid: c.uid, gid: c.gid, pid: c.pid))
-            }
-        }.flatMapError { _ in channel.eventLoop.makeSucceededFuture(nil) }
+        return cred.map { Optional($0) }.flatMapError { _ in channel.eventLoop.makeSucceededFuture(nil) }
+    }
+
+    /// The peer with its supplementary groups: SO_PEERGROUPS (Linux 4.13), the groups at connect time, sorted.
+    static func peer(_ c: ucred, of channel: any Channel) -> EventLoopFuture<Peer> {
+        let plain = Peer(uid: c.uid, gid: c.gid, pid: c.pid)
+        guard let provider = channel as? SocketOptionProvider else { return channel.eventLoop.makeSucceededFuture(plain) }
+        let groups: EventLoopFuture<PeerGroups> = provider.unsafeGetSocketOption(level: SocketOptionLevel(SOL_SOCKET),
+                                                                              name: SocketOptionName(59))
+        return groups.map { Peer(uid: c.uid, gid: c.gid, pid: c.pid, groups: $0.list(primary: c.gid)) }
+            // More groups than fit (ERANGE), or an old kernel: the primary group only.
+            .flatMapError { _ in channel.eventLoop.makeSucceededFuture(plain) }
     }
 }
 

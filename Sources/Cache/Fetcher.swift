@@ -73,7 +73,7 @@ struct Fetcher: Sendable {
             try await offload(.jobs) { token in
                 let out = RawFileSink(path: path, mode: mode)
                 do {
-                    _ = try Converter(cancel: { token.isCancelled }).convert(fetched.image, to: out)
+                    _ = try Converter(options: .background, cancel: { token.isCancelled }).convert(fetched.image, to: out)
                 } catch SinkError.cancelled {
                     throw CancellationError()
                 }

@@ -1,5 +1,6 @@
 import Dispatch
 import ImageFormats
+import SystemIO
 import Logging
 import Synchronization
 
@@ -12,8 +13,19 @@ public struct ConvertOptions: Sendable {
     /// The target was not created by us and may hold old data: zero the ranges we skip (`-n` without
     /// `--target-is-zero`).
     public var zeroSkippedRanges = false
+    /// Threads for the workers and the writer: nil, Dispatch's (the CLI, at full priority); the agent passes
+    /// `WorkerPool.background`, so its conversions run at background priority (`Niceness`).
+    public var pool: WorkerPool?
 
     public init() {}
+
+    /// What the agent converts with: its background pool.
+    public static var background: ConvertOptions {
+        var o = ConvertOptions()
+        o.pool = .background
+        o.workers = min(o.workers, WorkerPool.background.threads)
+        return o
+    }
 
     public func validated() throws -> ConvertOptions {
         guard chunkSize >= 64 << 10, chunkSize <= 64 << 20 else {
@@ -156,6 +168,7 @@ public struct Converter: Sendable {
         }
         defer { buffers.forEach { $0.deallocate() } }
         let writer = DispatchQueue(label: "imgconv.convert.writer")
+        let pool = options.pool
         let pendingWrite = DispatchGroup()
         // However this returns (a read error, a cancellation), the writer is done first: it writes from `buffers`
         // (freed by the defer above, which runs after this one), and the caller aborts the sink as soon as this
@@ -186,7 +199,7 @@ public struct Converter: Sendable {
             try results.withUnsafeMutableBufferPointer { resultSlots in
                 let shared = UnsafeSendable((resultSlots, buffer, sink))
                 let wins = windows
-                DispatchQueue.concurrentPerform(iterations: wins.count) { i in
+                let work: @Sendable (Int) -> Void = { i in
                     if firstError.withLock({ $0 != nil }) { return }
                     do {
                         let (slots, buffer, sink) = shared.value
@@ -198,6 +211,11 @@ public struct Converter: Sendable {
                     } catch {
                         firstError.withLock { if $0 == nil { $0 = error } }
                     }
+                }
+                if let pool {
+                    pool.concurrentPerform(iterations: wins.count, width: options.workers, work)
+                } else {
+                    DispatchQueue.concurrentPerform(iterations: wins.count, execute: work)
                 }
                 if let e = firstError.withLock({ $0 }) { throw e }
             }
@@ -215,7 +233,7 @@ public struct Converter: Sendable {
             let batch = UnsafeSendable((results, windows, sink))
             let progress = self.progress, size = image.virtualSize, cancel = self.cancel
             pendingWrite.enter()
-            writer.async {
+            let write: @Sendable () -> Void = {
                 defer { pendingWrite.leave() }
                 do {
                     let (results, windows, sink) = batch.value
@@ -230,6 +248,7 @@ public struct Converter: Sendable {
                     writeError.withLock { if $0 == nil { $0 = error } }
                 }
             }
+            if let pool { pool.submit(write) } else { writer.async(execute: write) }
             if windows.isEmpty { break }
             flip ^= 1
         }

@@ -61,7 +61,7 @@ final class BaseBuilder: Sendable {
             }
             let io: IOContext
             if let c = client { io = c } else {
-                io = try await pool.newClient(label: "base builder of \(image.id)")
+                io = try await pool.newClient(label: "base builder of \(image.id)", background: true)
                 client = io
             }
             let settings = self.settings, logger = self.logger
@@ -223,7 +223,7 @@ final class BaseBuilder: Sendable {
             guard verdict.safe, let opened else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
             let sink = RBDSink(io: io, name: part, order: order)
             do {
-                try Converter(cancel: { stop() || token.isCancelled }).convert(opened, to: sink)
+                try Converter(options: .background, cancel: { stop() || token.isCancelled }).convert(opened, to: sink)
             } catch SinkError.cancelled {
                 throw token.isCancelled ? CancellationError() : DiskError.leaseLost(part)
             }
@@ -274,7 +274,7 @@ final class BaseBuilder: Sendable {
                     }
                     let sink = RBDSink(io: io, name: part, order: order)
                     do {
-                        try Converter(cancel: { stop() || token.isCancelled }).convert(opened, to: sink)
+                        try Converter(options: .background, cancel: { stop() || token.isCancelled }).convert(opened, to: sink)
                     } catch SinkError.cancelled {
                         throw token.isCancelled ? CancellationError() : DiskError.leaseLost(part)
                     }

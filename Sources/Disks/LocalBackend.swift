@@ -104,7 +104,7 @@ public final class LocalBackend: DiskBackend, @unchecked Sendable {
             guard verdict.safe, let opened else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
             let sink = try OutputSpec(format: .raw).makeSink(path: base)
             do {
-                return try Converter(cancel: { token.isCancelled }).convert(opened, to: sink).bytesWritten
+                return try Converter(options: .background, cancel: { token.isCancelled }).convert(opened, to: sink).bytesWritten
             } catch SinkError.cancelled {
                 throw CancellationError()
             }

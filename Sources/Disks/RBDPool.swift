@@ -49,10 +49,11 @@ final class RBDPool: Sendable {
         return connection.withLock { $0! }
     }
 
-    /// A client of its own on the disks pool.
-    func newClient(label: String) async throws -> IOContext {
+    /// A client of its own on the disks pool. `background`: created on a job thread, so its librados threads
+    /// inherit background priority (a base build's client).
+    func newClient(label: String, background: Bool = false) async throws -> IOContext {
         let settings = self.settings
-        return try await offload { () throws(CephError) -> IOContext in
+        return try await offload(background ? .jobs : .calls) { () throws(CephError) -> IOContext in
             try RadosCluster(settings.ceph, label: label).ioContext(pool: settings.pool)
         }
     }

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Logging
 import NIOCore
+import SystemIO
 
 /// Where downloaded bytes go. Called with consecutive blocks, in order, from one background thread at a time.
 public protocol DownloadSink: AnyObject, Sendable {
@@ -62,7 +63,11 @@ public final class VerifiedDownload: @unchecked Sendable {
     let progress: DownloadProgress?
 
     private var digests: [ImageDigest] = []
+    /// One block at a time goes to the sink here (a write may wait: a stream file holds the download back while
+    /// it runs ahead of its converter, so this is a queue of its own, never a shared pool's thread).
     private let worker = DispatchQueue(label: "imgconv.download")
+    /// The hashes run on the background pool, at background priority, alongside the write.
+    private let hashers = WorkerPool.background
 
     public init(client: GlanceClient, image: GlanceImage, verify: Bool = true, retry: RetryPolicy = RetryPolicy(),
                 blockSize: Int = 4 << 20, bytesPerSecond: UInt64? = nil, progress: DownloadProgress? = nil,
@@ -242,25 +247,20 @@ public final class VerifiedDownload: @unchecked Sendable {
         if due > elapsed { try await Task.sleep(nanoseconds: UInt64((due - elapsed) * 1e9)) }
     }
 
-    /// Writes one block and feeds every digest, all in parallel, on the worker.
+    /// Writes one block (on the download's queue) while every digest is fed (on the background pool).
     private func process(_ block: [UInt8], at offset: UInt64, sink: any DownloadSink) async throws {
         try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, Error>) in
             worker.async {
-                let jobs = 1 + self.digests.count
                 var writeError: Error?
                 block.withUnsafeBytes { rawBlock in
                     self.digests.withUnsafeMutableBufferPointer { ds in
                         nonisolated(unsafe) let dp = ds
                         nonisolated(unsafe) let raw = rawBlock
-                        nonisolated(unsafe) var err: Error?
-                        DispatchQueue.concurrentPerform(iterations: jobs) { i in
-                            if i == 0 {
-                                do { try sink.write(raw, at: offset) } catch { err = error }
-                            } else {
-                                dp[i - 1].update(raw)
-                            }
+                        self.hashers.concurrentPerform(iterations: ds.count, width: ds.count + 1, first: {
+                            do { try sink.write(raw, at: offset) } catch { writeError = error }
+                        }) { i in
+                            dp[i].update(raw)
                         }
-                        writeError = err
                     }
                 }
                 if let writeError { c.resume(throwing: SinkFailure(underlying: writeError)) } else { c.resume() }

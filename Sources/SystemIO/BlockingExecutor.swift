@@ -38,9 +38,10 @@ public final class BlockingExecutor: Sendable {
     private let calls: ThreadPool
     private let jobs: ThreadPool
 
+    /// Job threads run at background priority (`Niceness`); call threads at the process's.
     public init(callThreads: Int, jobThreads: Int) {
         calls = ThreadPool(name: "imgconv-call", threads: callThreads)
-        jobs = ThreadPool(name: "imgconv-job", threads: jobThreads)
+        jobs = ThreadPool(name: "imgconv-job", threads: jobThreads, nice: Niceness.background)
     }
 
     /// Queues `work` on `lane`.
@@ -95,17 +96,18 @@ public func cleanup(executor: BlockingExecutor = .shared, _ work: @escaping @Sen
 final class ThreadPool: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    private var queue: [@Sendable () -> Void] = []
+    /// Taken entries are set to nil at once: a finished closure must not keep what it captured alive.
+    private var queue: [(@Sendable () -> Void)?] = []
     private var head = 0
     private var running = 0
     let name: String
 
-    init(name: String, threads: Int) {
+    init(name: String, threads: Int, nice: Int32 = 0) {
         self.name = name
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(cond, nil)
         for i in 0..<max(1, threads) {
-            let box = Unmanaged.passRetained(WorkerStart(pool: self, name: "\(name)-\(i)"))
+            let box = Unmanaged.passRetained(WorkerStart(pool: self, name: "\(name)-\(i)", nice: nice))
             var thread = pthread_t()
             var attr = pthread_attr_t()
             pthread_attr_init(&attr)
@@ -113,6 +115,7 @@ final class ThreadPool: @unchecked Sendable {
             let r = pthread_create(&thread, &attr, { arg in
                 let start = Unmanaged<WorkerStart>.fromOpaque(arg!).takeRetainedValue()
                 _ = pthread_setname_np(pthread_self(), String(start.name.prefix(15)))
+                if start.nice > 0 { Niceness.lowerCurrentThread(to: start.nice) }
                 start.pool.work()
                 return nil
             }, box.toOpaque())
@@ -138,7 +141,8 @@ final class ThreadPool: @unchecked Sendable {
         while true {
             pthread_mutex_lock(mutex)
             while head == queue.count { pthread_cond_wait(cond, mutex) }
-            let next = queue[head]
+            let next = queue[head]!
+            queue[head] = nil
             head += 1
             if head > 1024 && head * 2 > queue.count {
                 queue.removeFirst(head)
@@ -156,9 +160,121 @@ final class ThreadPool: @unchecked Sendable {
     private final class WorkerStart {
         let pool: ThreadPool
         let name: String
-        init(pool: ThreadPool, name: String) {
+        let nice: Int32
+        init(pool: ThreadPool, name: String, nice: Int32) {
             self.pool = pool
             self.name = name
+            self.nice = nice
         }
+    }
+}
+
+/// The scheduling priority of background work: CPU-heavy threads (conversions, hashes, base builds) run at nice
+/// 10, so on a hypervisor the guests, nova-compute and the agent's own control API (its event loop stays at the
+/// process's priority) come first. Lowering a thread's priority needs no privilege.
+public enum Niceness {
+    public static let background: Int32 = 10
+
+    /// Lowers the calling thread's priority to `nice` (never raises it).
+    public static func lowerCurrentThread(to nice: Int32) {
+        errno = 0
+        let current = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(gettid()))
+        if errno == 0 && current >= nice { return }
+        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(gettid()), nice)
+    }
+}
+
+/// A fixed set of low-priority threads for the data-parallel parts of background jobs (the converter's workers and
+/// writer, a download's hash and write), in place of Dispatch's shared threads, whose priority the agent cannot
+/// set without changing it for everything else that uses them.
+public final class WorkerPool: Sendable {
+    /// The agent's pool: as many threads as cores (at most 8), at background priority.
+    public static let background = WorkerPool(name: "imgconv-work", threads: max(2, min(8, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))),
+                                              nice: Niceness.background)
+
+    let pool: ThreadPool
+    public let threads: Int
+
+    public init(name: String, threads: Int, nice: Int32) {
+        self.threads = threads
+        pool = ThreadPool(name: name, threads: threads, nice: nice)
+    }
+
+    /// Queues `work` on one of the pool's threads.
+    public func submit(_ work: @escaping @Sendable () -> Void) { pool.submit(work) }
+
+    /// Runs `body` for every index in `0..<iterations`, on the calling thread and up to `width - 1` of the pool's
+    /// threads, and returns when every index is done and every helper has ended (as Dispatch's
+    /// concurrentPerform): whatever `body` points to stays valid until then. Helpers queued behind other work find
+    /// nothing left to do and end at once.
+    ///
+    /// `first` runs on the calling thread before it joins in: work that may block (a write into a file a reader
+    /// throttles) stays off the pool, whose threads must never wait for anything.
+    public func concurrentPerform(iterations: Int, width: Int, first: () -> Void = {},
+                                  _ body: @escaping @Sendable (Int) -> Void) {
+        let helpers = min(width - 1, iterations)
+        guard helpers > 0 else {
+            first()
+            for i in 0..<iterations { body(i) }
+            return
+        }
+        let next = Counter()
+        let done = Countdown(helpers)
+        for _ in 0..<helpers {
+            pool.submit {
+                Self.drain(next, iterations, body)
+                done.signal()
+            }
+        }
+        first()
+        Self.drain(next, iterations, body)
+        done.wait()
+    }
+
+    private static func drain(_ next: Counter, _ iterations: Int, _ body: (Int) -> Void) {
+        while true {
+            let i = next.take()
+            if i >= iterations { return }
+            body(i)
+        }
+    }
+}
+
+/// The next index to take.
+private final class Counter: Sendable {
+    private let value = Atomic<Int>(0)
+    func take() -> Int { value.add(1, ordering: .relaxed).oldValue }
+}
+
+/// Counts helpers down to zero; `wait` blocks until every one has signalled.
+private final class Countdown: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var remaining: Int
+
+    init(_ count: Int) {
+        remaining = count
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(cond, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        pthread_cond_destroy(cond)
+        mutex.deallocate()
+        cond.deallocate()
+    }
+
+    func signal() {
+        pthread_mutex_lock(mutex)
+        remaining -= 1
+        pthread_cond_broadcast(cond)
+        pthread_mutex_unlock(mutex)
+    }
+
+    func wait() {
+        pthread_mutex_lock(mutex)
+        while remaining > 0 { pthread_cond_wait(cond, mutex) }
+        pthread_mutex_unlock(mutex)
     }
 }

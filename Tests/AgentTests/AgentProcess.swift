@@ -1,4 +1,5 @@
 import Crypto
+import Dispatch
 import Foundation
 import OpenStackFixture
 #if canImport(Glibc)
@@ -62,10 +63,18 @@ final class AgentProcess: @unchecked Sendable {
         try text.write(toFile: configPath, atomically: true, encoding: .utf8)
     }
 
-    func start() throws {
+    /// Starts the agent and waits until it answers; `umask` runs it under that umask (through sh), `environment`
+    /// adds variables. `waitForHealth: false` only launches it (a config it must refuse).
+    func start(umask: String? = nil, environment: [String: String] = [:], waitForHealth: Bool = true) throws {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: imgconvBinary)
-        p.arguments = ["agent", "--config", configPath, "--log-level", "debug"]
+        if let umask {
+            p.executableURL = URL(fileURLWithPath: "/bin/sh")
+            p.arguments = ["-c", "umask \(umask) && exec \"$0\" \"$@\"", imgconvBinary, "agent", "--config", configPath, "--log-level", "debug"]
+        } else {
+            p.executableURL = URL(fileURLWithPath: imgconvBinary)
+            p.arguments = ["agent", "--config", configPath, "--log-level", "debug"]
+        }
+        if !environment.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         let logFile = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         logFile.seekToEndOfFile()
@@ -73,6 +82,7 @@ final class AgentProcess: @unchecked Sendable {
         p.standardError = logFile
         try p.run()
         process = p
+        guard waitForHealth else { return }
         for _ in 0..<200 {
             if let (s, _) = try? request("GET", "/v1/health"), s == 200 { return }
             if !p.isRunning { throw OpenStack.FixtureError("the agent exited: \(log())") }
@@ -82,6 +92,25 @@ final class AgentProcess: @unchecked Sendable {
     }
 
     func log() -> String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    var pid: Int32? { process?.processIdentifier }
+    var isRunning: Bool { process?.isRunning ?? false }
+
+    /// Descriptors the agent holds open.
+    func openDescriptors() -> Int {
+        guard let pid else { return 0 }
+        return ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).count
+    }
+
+    /// Waits for the process to end; its exit status, or nil if it is still running after `seconds`.
+    func waitForExit(seconds: Double) -> Int32? {
+        guard let p = process else { return nil }
+        let deadline = Date().addingTimeInterval(seconds)
+        while p.isRunning && Date() < deadline { usleep(10_000) }
+        if p.isRunning { return nil }
+        p.waitUntilExit()
+        return p.terminationStatus
+    }
 
     /// An HTTP request over the control socket (curl, as an operator would).
     func request(_ method: String, _ path: String, asUser uid: UInt32? = nil, json: String? = nil, timeout: Int = 60) throws -> (Int, Any?) {
@@ -139,5 +168,72 @@ final class AgentProcess: @unchecked Sendable {
 
     deinit {
         if let p = process, p.isRunning { kill(p.processIdentifier, SIGKILL) }
+    }
+}
+
+/// A raw client on a Unix socket, for what curl cannot show: when the server closes, and how long an answer takes.
+final class UnixClient {
+    let fd: Int32
+
+    init(_ path: String) throws {
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw POSIXError(.EMFILE) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, b) in Array(path.utf8).enumerated() { p[i] = b }
+        }
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard r == 0 else {
+            let e = errno
+            close(fd)
+            throw POSIXError(POSIXErrorCode(rawValue: e) ?? .EIO)
+        }
+    }
+
+    deinit { close(fd) }
+
+    func send(_ text: String) {
+        var bytes = Array(text.utf8)
+        _ = bytes.withUnsafeMutableBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+    }
+
+    /// Reads until the server closes or `timeout` passes: (bytes, closed by the server).
+    func readUntilClosed(timeout: Double) -> (String, Bool) {
+        var out: [UInt8] = []
+        let deadline = Date().addingTimeInterval(timeout)
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while Date() < deadline {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ms = Int32(max(1, deadline.timeIntervalSinceNow * 1000))
+            guard poll(&p, 1, ms) > 0 else { continue }
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { return (String(decoding: out, as: UTF8.self), true) }
+            out += buf[0..<n]
+        }
+        return (String(decoding: out, as: UTF8.self), false)
+    }
+
+    /// One HTTP/1.1 request on this connection: (status, seconds to the complete answer).
+    func request(_ method: String, _ path: String) -> (Int, Double) {
+        let started = DispatchTime.now().uptimeNanoseconds
+        send("\(method) \(path) HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\n\r\n")
+        var got: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { break }
+            got += buf[0..<n]
+            let text = String(decoding: got, as: UTF8.self)
+            if let end = text.range(of: "\r\n\r\n"), let cl = text.range(of: "content-length: ", options: .caseInsensitive) {
+                let len = Int(text[cl.upperBound...].prefix { $0.isNumber }) ?? 0
+                if got.count >= text.utf8.distance(from: text.utf8.startIndex, to: end.upperBound.samePosition(in: text.utf8)!) + len { break }
+            }
+        }
+        let text = String(decoding: got, as: UTF8.self)
+        let status = Int(text.dropFirst(9).prefix(3)) ?? 0
+        return (status, Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9)
     }
 }

@@ -238,4 +238,29 @@ struct RBDDiskTests {
         try await backend.remove(qdisk.name)
         _ = try await backend.collectGarbage(idleSeconds: 0, images: [id, qid])
     }
+
+    /// The Glance-clone path inspects before it clones: a qcow2 (header at the start) or a fixed VHD (footer at
+    /// the end) that Glance keeps in Ceph as "raw" is refused, and nothing is cloned.
+    @Test func glanceSnapshotIsInspectedBeforeItIsCloned() async throws {
+        let store = try #require(OpenStack.rbdStore, "the fixture's Glance has no Ceph store (start it with IMGCONV_CEPH_ENV)")
+        let dir = try temporaryDirectory("glance-clone-hostile")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (service, backend) = try node(dir)
+        for (sample, found) in [("qcow2-v3.qcow2", "qcow2"), ("vpc-fixed.vhd", "vpc")] {
+            let image = try await upload(sample, diskFormat: "raw", name: "disks-rbd-hostile", store: store)
+            let id = image["id"] as! String
+            defer { Task { await OpenStack.deleteImage(id) } }
+            #expect((image["direct_url"] as? String) == "rbd://\(Ceph.fsid)/images/\(id)/snap")
+            let instance = newInstance()
+            do {
+                _ = try await service.create(DiskRequest(instanceUUID: instance, imageID: id))
+                Issue.record("\(sample) registered as raw was cloned")
+            } catch let DiskError.unsafe(_, reasons) {
+                #expect(reasons.joined().contains("format-mismatch") && reasons.joined().contains(found), "\(reasons)")
+            }
+            #expect(try await leftovers(backend, image: id, instance: instance).isEmpty)
+            #expect(backend.stats.snapshot.glanceClones == 0)
+            #expect(OpenStack.fileRequests(id) == 0)
+        }
+    }
 }

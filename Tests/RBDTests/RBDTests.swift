@@ -2,6 +2,9 @@ import CephFixture
 import Foundation
 import RBD
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The binding against the real cluster, as the restricted `profile rbd` user the agent runs as.
 @Suite("librbd binding", .enabled(if: Ceph.available), .serialized)
@@ -116,6 +119,50 @@ struct RBDTests {
         #expect(try !vms.lease(object: object, name: "build", cookie: "a", description: "test", seconds: 2, renew: true))
         try other.releaseLease(object: object, name: "build", cookie: "b")
         #expect(try vms.lease(object: object, name: "build", cookie: "a", description: "test", seconds: 2, renew: false))
+    }
+
+    /// Every client is counted while open and shut down when its last reference goes (a client open at exit
+    /// crashes there: scripts/librados-exit.sh shows it).
+    @Test func clientsAreCountedUntilReleased() throws {
+        let label = Ceph.uniqueName("probe")
+        do {
+            let c = try RadosCluster(Ceph.user, label: label)
+            _ = try c.fsid()
+            #expect(LiveClients.labels.contains(label))
+        }
+        #expect(!LiveClients.labels.contains(label))
+    }
+
+    /// The fencing primitives a build lease is made of: a write guarded by the lock (cls_lock assert_locked), the
+    /// client's address, and the blocklist, after which the fenced client's calls fail with ESHUTDOWN.
+    @Test func guardedWritesNeedTheLockAndBlocklistingFences() throws {
+        let object = Ceph.uniqueName("fence")
+        let a = try RadosCluster(Ceph.user, label: "fence A").ioContext(pool: "vms")
+        let b = try RadosCluster(Ceph.user, label: "fence B").ioContext(pool: "vms")
+        defer { try? b.removeObject(object) }
+        #expect(try a.lease(object: object, name: "build", cookie: "ca", description: "test", seconds: 2, renew: false))
+        let addressA = try a.cluster.address()
+        #expect(addressA.contains(":") && addressA.contains("/"), "\(addressA)")
+        #expect(try a.guardedSetXattr(object: object, lock: "build", cookie: "ca", name: "imgconv.builder", value: Array("ca \(addressA)".utf8)))
+        // B holds no lock: its guarded write is refused and changes nothing.
+        #expect(try !b.guardedSetXattr(object: object, lock: "build", cookie: "cb", name: "imgconv.builder", value: Array("cb".utf8)))
+        #expect(try b.xattr(object: object, name: "imgconv.builder") == Array("ca \(addressA)".utf8))
+        // A's lease expires; B takes it, reads who held it, and fences that client.
+        Thread.sleep(forTimeInterval: 2.5)
+        #expect(try !a.guardedSetXattr(object: object, lock: "build", cookie: "ca", name: "imgconv.builder", value: Array("late".utf8)),
+                "an expired lock still allowed a guarded write")
+        #expect(try b.lease(object: object, name: "build", cookie: "cb", description: "test", seconds: 30, renew: false))
+        try b.cluster.blocklist(address: addressA, seconds: 600)
+        #expect(throws: CephError.self) { _ = try a.listImages() }
+        do {
+            _ = try a.xattr(object: object, name: "imgconv.builder")
+            Issue.record("a fenced client could still read")
+        } catch let e as CephError {
+            #expect(e.errno == ESHUTDOWN, "\(e)")
+        }
+        #expect(try b.guardedSetXattr(object: object, lock: "build", cookie: "cb", name: "imgconv.builder", value: nil))
+        #expect(try b.xattr(object: object, name: "imgconv.builder") == nil)
+        try b.releaseLease(object: object, name: "build", cookie: "cb")
     }
 
     @Test func unreachableClusterFailsWithinTheTimeout() throws {

@@ -29,6 +29,22 @@ struct BlockingExecutorTests {
         await #expect(throws: FileError.self) { try await offload { throw FileError("test", path: "/x", errno: EIO) } }
     }
 
+    /// A finished job keeps nothing it captured alive (a librados client kept by a finished closure stayed open
+    /// until exit, where librados' destructors crash under its threads).
+    @Test func finishedWorkKeepsNothingAlive() async throws {
+        final class Thing: Sendable {}
+        weak var weak: Thing?
+        do {
+            let thing = Thing()
+            weak = thing
+            _ = try await offload { _ = thing }
+            _ = try await offload(.jobs) { _ = thing }
+            await cleanup { _ = thing }
+        }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(weak == nil)
+    }
+
     @Test func cancellingTheTaskStopsTheWork() async throws {
         let executor = BlockingExecutor(callThreads: 1, jobThreads: 1)
         let polls = Atomic<Int>(0)
@@ -83,6 +99,30 @@ struct BlockingExecutorTests {
         #expect(load.jobs.running == 2 && load.jobs.queued == 4, "\(load)")
         stop.set()
         for j in jobs { try await j.value }
+    }
+}
+
+@Suite("worker pool")
+struct WorkerPoolTests {
+    @Test func everyIndexRunsOnceAndTheWorkersRunAtBackgroundPriority() throws {
+        let pool = WorkerPool(name: "test-work", threads: 3, nice: Niceness.background)
+        let counts = Mutex([Int](repeating: 0, count: 1000))
+        let nices = Mutex<Set<Int32>>([])
+        let caller = threadName()
+        var firstRanOn = ""
+        pool.concurrentPerform(iterations: 1000, width: 4, first: { firstRanOn = threadName() }) { i in
+            counts.withLock { $0[i] += 1 }
+            if threadName().hasPrefix("test-work") {
+                errno = 0
+                let n = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
+                nices.withLock { _ = $0.insert(n) }
+            }
+        }
+        #expect(firstRanOn == caller)
+        let all = counts.withLock { $0 }
+        #expect(all.allSatisfy { $0 == 1 })
+        let seen = nices.withLock { $0 }
+        #expect(seen.isEmpty || seen == [Niceness.background], "\(seen)")
     }
 }
 
