@@ -221,14 +221,21 @@ final class BaseBuilder: Sendable {
         return try await offload(.jobs) { token throws -> UInt64 in
             let (verdict, opened) = ImageInspector.inspect(path: path, declared: format)
             guard verdict.safe, let opened else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
-            let sink = RBDSink(io: io, name: part, order: order)
-            do {
-                try Converter(options: .background, cancel: { stop() || token.isCancelled }).convert(opened, to: sink)
-            } catch SinkError.cancelled {
-                throw token.isCancelled ? CancellationError() : DiskError.leaseLost(part)
-            }
-            return sink.bytesWritten
+            return try Self.convert(opened, into: part, io: io, order: order, token: token, stop: stop)
         }
+    }
+
+    /// Converts `opened` into the part (only data is written). The converter stops when the job is cancelled
+    /// (CancellationError) or the lease is lost (`leaseLost`).
+    static func convert(_ opened: any DiskImage, into part: String, io: IOContext, order: Int, token: CancellationToken,
+                        stop: @escaping @Sendable () -> Bool) throws -> UInt64 {
+        let sink = RBDSink(io: io, name: part, order: order)
+        do {
+            try Converter(options: .background, cancel: { stop() || token.isCancelled }).convert(opened, to: sink)
+        } catch SinkError.cancelled {
+            throw token.isCancelled ? CancellationError() : DiskError.leaseLost(part)
+        }
+        return sink.bytesWritten
     }
 
     /// Not on this node: the download goes to a private file next to the cache while the converter follows it
@@ -272,13 +279,7 @@ final class BaseBuilder: Sendable {
                     case .vpc: opened = try VPCImage(storage: storage)
                     case .vdi: opened = try VDIImage(storage: storage)
                     }
-                    let sink = RBDSink(io: io, name: part, order: order)
-                    do {
-                        try Converter(options: .background, cancel: { stop() || token.isCancelled }).convert(opened, to: sink)
-                    } catch SinkError.cancelled {
-                        throw token.isCancelled ? CancellationError() : DiskError.leaseLost(part)
-                    }
-                    return sink.bytesWritten
+                    return try Self.convert(opened, into: part, io: io, order: order, token: token, stop: stop)
                 }
             }
             var written: UInt64 = 0

@@ -50,10 +50,11 @@ struct AgentDiskTests {
 
         let raws = try await withThrowingTaskGroup(of: (Int, Data).self) { g in
             for a in agents {
-                g.addTask {
+                let call = onThread {
                     let (s, o) = try a.request("POST", "/v1/disks", json: self.body(UUID().uuidString.lowercased(), id), timeout: 300)
                     return (s, (try? JSONSerialization.data(withJSONObject: o ?? [:])) ?? Data())
                 }
+                g.addTask { try await call.value }
             }
             return try await g.reduce(into: [(Int, Data)]()) { $0.append($1) }
         }
@@ -112,10 +113,10 @@ struct AgentDiskTests {
             }
         }
         watcher.start()
-        let first = Task { _ = try? a.request("POST", "/v1/disks", json: request, timeout: 300) }
+        let first = onThread { _ = try? a.request("POST", "/v1/disks", json: request, timeout: 300) }
         while !watcher.isFinished { try await Task.sleep(nanoseconds: 10_000_000) }
         a.kill9()
-        await first.value
+        _ = await first.result
         let half = try #require(found.withLock { $0 }, "the builder never started writing its base: \(a.log().suffix(3000))")
         #expect(try !rbdImages().contains("imgconv-base-\(id)"), "the killed builder finished before it was killed")
 
@@ -158,7 +159,7 @@ struct AgentDiskTests {
         #expect(s == 504 || s == 502, "\(s) \(String(describing: o))")
         let message = ((o as? [String: Any])?["error"] as? [String: Any])?["message"] as? String ?? ""
         #expect(message.contains("rados_connect"), "\(message)")
-        #expect(took < 10, "took \(took) s with connect_timeout = 3")
+        #expect(took < 20, "took \(took) s with connect_timeout = 3 (without it librados waits minutes)")
         #expect(try a.request("GET", "/v1/health").0 == 200)
     }
 

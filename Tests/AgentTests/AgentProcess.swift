@@ -31,6 +31,9 @@ func shell(_ args: [String], environment: [String: String]? = nil) throws -> (st
     let o = out.fileHandleForReading.readDataToEndOfFile()
     let e = err.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()
+    // Polling loops run thousands of these: every descriptor goes back at once.
+    try? out.fileHandleForReading.close()
+    try? err.fileHandleForReading.close()
     return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
 }
 
@@ -235,5 +238,16 @@ final class UnixClient {
         let text = String(decoding: got, as: UTF8.self)
         let status = Int(text.dropFirst(9).prefix(3)) ?? 0
         return (status, Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9)
+    }
+}
+
+/// Runs a blocking call (a request through curl, a shell command) on a thread of its own and returns a task to
+/// await. Swift's cooperative pool has one thread per core, two here: blocking calls in tasks would run two at a
+/// time, and stall every other task of the test, including the one that measures.
+func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) -> Task<T, any Error> {
+    Task {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread { continuation.resume(with: Result { try body() }) }.start()
+        }
     }
 }

@@ -55,6 +55,38 @@ struct ConfigTests {
         #expect(c.cacheDirectory == "/var/lib/nova/instances/_base")
     }
 
+    /// deploy/agent.conf.example is what operators copy: it parses as shipped, and so does each commented-out
+    /// setting once uncommented (alone), so the file never documents a key or a value the agent refuses.
+    @Test func theExampleConfigParsesWithEveryCommentedSetting() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../deploy/agent.conf.example").path
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        _ = try AgentConfig.parse(text, name: "agent.conf.example")
+        let lines = text.components(separatedBy: "\n")
+        let setting = /^#\s?([a-z_]+) = (.+)$/
+        var section = "", set = Set<String>(), tried = 0
+        for line in lines {
+            if line.hasPrefix("[") { section = line; continue }
+            if let m = line.wholeMatch(of: /([a-z_]+) = .*/) { set.insert(section + String(m.1)) }
+        }
+        section = ""
+        for (n, line) in lines.enumerated() {
+            if line.hasPrefix("[") { section = line; continue }
+            guard let m = line.wholeMatch(of: setting), !set.contains(section + String(m.1)) else { continue }
+            var edited = lines
+            var value = String(m.2)
+            if m.1 == "nova_conf" {  // read at start-up: an empty nova.conf of our own stands in for Nova's
+                value = NSTemporaryDirectory() + "imgconv-example-nova.conf"
+                try Data().write(to: URL(fileURLWithPath: value))
+            }
+            edited[n] = "\(m.1) = \(value)"
+            #expect(throws: Never.self, "line \(n + 1): \(line)") {
+                _ = try AgentConfig.parse(edited.joined(separator: "\n"), name: "agent.conf.example")
+            }
+            tried += 1
+        }
+        #expect(tried >= 10, "only \(tried) commented settings found")
+    }
+
     @Test func defaultsAreSafe() throws {
         let c = try AgentConfig.parse(minimal)
         #expect(c.agent.socketMode == 0o660 && c.agent.allowedUIDs.isEmpty)

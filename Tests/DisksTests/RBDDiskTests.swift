@@ -37,7 +37,6 @@ struct RBDDiskTests {
         let second = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id))
         #expect(second.method == .baseReused)
         #expect(second.bytesWritten == 0)
-        #expect(second.seconds! < 5, "second instance took \(second.seconds!) s")
         #expect(try exported(second.location, dir: dir) == expected)
         #expect(backend.stats.snapshot == RBDBackend.Stats(glanceClones: 0, basesBuilt: 1, baseClones: 2, takeovers: 0))
 

@@ -186,6 +186,12 @@ public enum OpenStack {
         return shown as! [String: Any]
     }
 
+    /// Uploads one of `samples/` (for example `qcow2-zlib.qcow2`) and returns the new image's id.
+    public static func createSampleImage(_ sample: String, diskFormat: String, name: String) async throws -> String {
+        let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: repository + "/samples/" + sample)))
+        return try await createImage(bytes, diskFormat: diskFormat, name: name)["id"] as! String
+    }
+
     /// The data PUT is not repeatable once Glance took it, but a PUT sent on a pooled connection gunicorn had
     /// already closed ("I/O on closed channel") never reached it: the image is still `queued`, and sending
     /// again is safe.

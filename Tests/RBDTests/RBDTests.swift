@@ -179,7 +179,7 @@ struct RBDTests {
                                                    keyring: Ceph.env["CEPH_USER_KEYRING"], timeout: 3))
         }
         let took = Date().timeIntervalSince(start)
-        #expect(took < 8, "took \(took) s with a 3 s timeout")
+        #expect(took < 20, "took \(took) s with a 3 s timeout (without it librados waits minutes)")
         #expect(e?.operation.hasPrefix("rados_connect") == true)
         #expect(e?.description.contains("did not answer in time") == true || e?.errnoName != "ETIMEDOUT")
     }

@@ -63,9 +63,11 @@ struct BlockingExecutorTests {
         let cancelledAt = DispatchTime.now().uptimeNanoseconds
         task.cancel()
         await #expect(throws: CancellationError.self) { try await task.value }
-        // The work saw the cancellation within a few polls (the await itself may wait for a busy pool).
+        // The work saw the cancellation within a few polls (the await itself may wait for a busy pool). Without
+        // the token the loop never ends; the bound is loose because this suite runs beside the Ceph tests on two
+        // cores and the jobs lane runs at nice 10.
         let lag = Double(stoppedAt.load(ordering: .relaxed) - cancelledAt) / 1e9
-        #expect(lag >= 0 && lag < 0.1, "the work stopped \(lag) s after the cancellation")
+        #expect(lag >= 0 && lag < 1, "the work stopped \(lag) s after the cancellation")
     }
 
     @Test func queuedWorkCancelledBeforeItStartsNeverRuns() async throws {
@@ -94,7 +96,8 @@ struct BlockingExecutorTests {
         let submitted = DispatchTime.now().uptimeNanoseconds
         let startedAt = try await offload(.calls, executor: executor) { DispatchTime.now().uptimeNanoseconds }
         let wait = Double(startedAt - submitted) / 1e9
-        #expect(wait < 0.1, "the call waited \(wait) s for a thread")
+        // Starved, the call would wait for `stop`, which is set only below: the bound is loose for a loaded machine.
+        #expect(wait < 1, "the call waited \(wait) s for a thread")
         let load = executor.load
         #expect(load.jobs.running == 2 && load.jobs.queued == 4, "\(load)")
         stop.set()
