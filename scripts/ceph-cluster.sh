@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real, throwaway single-node Ceph 16 cluster for the RBD tests and benchmarks: one mon, one mgr and one
-# BlueStore OSD on a sparse file, cephx on, listening on 127.0.0.1 only, all state in one directory.
+# BlueStore OSD on a sparse file, cephx on, listening on 127.0.0.1 only, all state in one directory; and a RADOS
+# Gateway (beast frontend, path-style S3) with one S3 user, the S3 server behind Glance's s3 store.
 #
 #   scripts/ceph-cluster.sh start   create and start (about 20 s); refuses if a cluster is already running there
 #   scripts/ceph-cluster.sh stop    stop exactly this cluster's daemons (OSD and mgr first, the mon last) and
@@ -8,28 +9,33 @@
 #   scripts/ceph-cluster.sh env     print the env file path
 #
 # Settings (environment): IMGCONV_CEPH_DIR (default /tmp/imgconv-ceph), CEPH_PORT (13300: mon msgr2; +1 msgr1),
-# CEPH_PORT_RANGE ("13400 13500": OSD and mgr), CEPH_OSD_SIZE (bytes, default 20 GiB, sparse). Keep the ports
+# CEPH_PORT_RANGE ("13400 13500": OSD and mgr), CEPH_RGW_PORT (13380: the gateway's HTTP port),
+# CEPH_OSD_SIZE (bytes, default 20 GiB, sparse). Keep the ports
 # below the kernel's ephemeral range (32768-60999): an outgoing connection can hold a port there, and the mon
 # then fails to bind it although nothing listens.
 #
 # After start, $IMGCONV_CEPH_DIR/env holds: CEPH_CONF, CEPH_FSID, CEPH_ADMIN_KEYRING, and the restricted user
 # the agent uses, as an operator would create it (`profile rbd` on vms, `profile rbd-read-only` on images):
-# CEPH_USER=imgconv, CEPH_USER_KEYRING.
+# CEPH_USER=imgconv, CEPH_USER_KEYRING; and the gateway: RGW_ENDPOINT (http://127.0.0.1:PORT), RGW_ACCESS_KEY,
+# RGW_SECRET_KEY (the S3 user `imgconv-test`, made with radosgw-admin user create).
 set -euo pipefail
 DIR=${IMGCONV_CEPH_DIR:-/tmp/imgconv-ceph}
 PORT=${CEPH_PORT:-13300}
 read -r PMIN PMAX <<<"${CEPH_PORT_RANGE:-13400 13500}"
 OSD_SIZE=${CEPH_OSD_SIZE:-21474836480}
+RGW_PORT=${CEPH_RGW_PORT:-13380}
+RGW_ACCESS_KEY=IMGCONVTESTACCESS001
+RGW_SECRET_KEY=imgconvtestsecret0000000000000000000001
 POOLS="vms images"
 IP=127.0.0.1
 CONF=$DIR/ceph.conf
 
 log() { printf '[ceph-cluster %5ss] %s\n' "$SECONDS" "$*" >&2; }
 
-# A daemon of THIS cluster: its pid file names a live ceph-* process started with our ceph.conf.
+# A daemon of THIS cluster: its pid file names a live ceph-* or radosgw process started with our ceph.conf.
 ours() {
     local pid=$1
-    [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" == */ceph-* ]] &&
+    [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" == */ceph-* || "$(readlink "/proc/$pid/exe" 2>/dev/null)" == */radosgw ]] &&
         tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qx "$CONF"
 }
 
@@ -52,10 +58,36 @@ stop_daemons() {  # names...: SIGTERM, wait up to 15 s, then SIGKILL
 
 stop() {
     [ -d "$DIR" ] || return 0
+    stop_daemons client.rgw.a
     stop_daemons osd.0 mgr.x
     stop_daemons mon.a
     rm -rf "$DIR"
     log "stopped"
+}
+
+# The RADOS Gateway: its own cephx key, its zone pools at the cluster's 8 PGs each (the compiled default, 32,
+# would give its seven pools most of the PGs one OSD may hold), beast on 127.0.0.1, settings on the command line
+# (the pid file comes from [global]), then the S3 user. Path-style buckets need nothing: RGW serves them unless
+# rgw_dns_name is set.
+start_rgw() {
+    ceph auth get-or-create client.rgw.a mon 'allow rw' osd 'allow rwx' mgr 'allow rw' -o "$DIR/ceph.client.rgw.a.keyring"
+    for p in .rgw.root default.rgw.control default.rgw.meta default.rgw.log default.rgw.buckets.index \
+             default.rgw.buckets.data default.rgw.buckets.non-ec; do
+        ceph osd pool create "$p" 8 8 replicated >/dev/null 2>&1
+        ceph osd pool application enable "$p" rgw >/dev/null 2>&1
+    done
+    radosgw -c "$CONF" -n client.rgw.a --rgw-frontends "beast endpoint=$IP:$RGW_PORT" --rgw-data "$DIR/rgw.a" \
+        --rgw-thread-pool-size 32 2>>"$DIR/log/rgw.stderr"
+    local code=000
+    for i in $(seq 1 240); do
+        code=$(curl -m 5 -s -o /dev/null -w '%{http_code}' "http://$IP:$RGW_PORT/" || true)
+        [ "$code" = 200 ] && break
+        [ "$i" = 240 ] && { echo "the RADOS Gateway did not answer 200 within 120 s (last: $code)" >&2; exit 1; }
+        sleep 0.5
+    done
+    radosgw-admin -c "$CONF" user create --uid=imgconv-test --display-name="imgconv tests" \
+        --access-key="$RGW_ACCESS_KEY" --secret-key="$RGW_SECRET_KEY" >"$DIR/log/rgw-user.json"
+    log "rgw up on $IP:$RGW_PORT"
 }
 
 start() {
@@ -63,14 +95,14 @@ start() {
         echo "a cluster is already running in $DIR (scripts/ceph-cluster.sh stop first)" >&2
         exit 1
     fi
-    for p in "$PORT" "$((PORT + 1))"; do
+    for p in "$PORT" "$((PORT + 1))" "$RGW_PORT"; do
         if (exec 3<>"/dev/tcp/$IP/$p") 2>/dev/null; then
             echo "port $IP:$p is in use: set CEPH_PORT to a free port" >&2
             exit 1
         fi
     done
     rm -rf "$DIR"
-    mkdir -p "$DIR"/{run,log,crash,mon.a,osd.0,mgr.x}
+    mkdir -p "$DIR"/{run,log,crash,mon.a,osd.0,mgr.x,rgw.a}
     trap 'rc=$?; if [ $rc -ne 0 ]; then log "start failed (rc=$rc); logs were in $DIR/log"; tail -n 20 "$DIR"/log/*.log >&2 || true; stop; fi' EXIT
     export CEPH_CONF=$CONF
     local fsid
@@ -185,6 +217,8 @@ EOF
     chmod 0644 "$DIR/ceph.client.imgconv.keyring"
     log "pools $POOLS ready"
 
+    start_rgw
+
     local deadline=$((SECONDS + 90))
     until ceph mgr stat 2>/dev/null | grep -q '"available": true' || [ $SECONDS -ge $deadline ]; do sleep 0.5; done
     until ceph pg stat 2>/dev/null | grep -Eq '^([0-9]+) pgs: \1 active\+clean;' || [ $SECONDS -ge $deadline ]; do sleep 0.5; done
@@ -194,6 +228,9 @@ CEPH_FSID=$fsid
 CEPH_ADMIN_KEYRING=$admin
 CEPH_USER=imgconv
 CEPH_USER_KEYRING=$DIR/ceph.client.imgconv.keyring
+RGW_ENDPOINT=http://$IP:$RGW_PORT
+RGW_ACCESS_KEY=$RGW_ACCESS_KEY
+RGW_SECRET_KEY=$RGW_SECRET_KEY
 EOF
     trap - EXIT
     log "ready: $(ceph health 2>&1 | head -1)"

@@ -2,12 +2,12 @@
 # Installs what imgconv needs to build and test on Debian 12: zlib, zstd, libdeflate, sqlite and OpenSSL headers (build),
 # qemu-utils (qemu-img and qemu-io: the test oracle and benchmark peer only; imgconv never runs them), and for the
 # Keystone/Glance test fixture python3-venv and curl. Ceph: librados/librbd headers (build), and for the test
-# cluster (scripts/ceph-cluster.sh) the mon, mgr and OSD daemons, the ceph/rbd CLIs, and the Python bindings
-# Glance's rbd store uses.
+# cluster (scripts/ceph-cluster.sh) the mon, mgr and OSD daemons, the RADOS Gateway (radosgw: the S3 server behind
+# Glance's s3 store), the ceph/rbd CLIs, and the Python bindings Glance's rbd store uses.
 # Needs root or sudo. Skips apt entirely when everything is already there.
 set -euo pipefail
 packages=(zlib1g-dev libzstd-dev libdeflate-dev libsqlite3-dev libssl-dev qemu-utils python3-venv curl
-    librbd-dev librados-dev ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd)
+    librbd-dev librados-dev ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rados python3-rbd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

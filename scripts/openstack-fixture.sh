@@ -13,23 +13,32 @@
 # driver, pool images, cephx user client.glance), as in a Ceph-backed OpenStack: images uploaded with
 # `X-Image-Meta-Store: ceph1` get locations rbd://<fsid>/images/<id>/snap. The rbd driver needs Debian's
 # python3-rados/python3-rbd, so the venv is then $IMGCONV_FIXTURE_DIR/venv-rbd on /usr/bin/python3 with system
-# site packages.
+# site packages. With the cluster's RADOS Gateway (RGW_ENDPOINT in that env file) Glance is multi-store, as in
+# Glance's own guides: file1 (file, the default), ceph1 (rbd), s3rgw (s3 on the gateway, path-style bucket
+# `glance`) and web (http, read-only: images registered by URL from a local HTTP server this script runs on
+# WEB_PORT, 13381, serving $IMGCONV_FIXTURE_DIR/state/web). copy-image is an enabled import method (admin-only
+# by Glance's default policy).
 #
 # After start, $IMGCONV_FIXTURE_DIR/env holds what tests need:
 #   KEYSTONE_URL, GLANCE_URL, OS_* for the admin and the demo user, GLANCE_STORE_DIR (the file store, so a test can
-#   corrupt an image behind Glance's back), GLANCE_ACCESS_LOG (one line per request, to count GET /file).
+#   corrupt an image behind Glance's back), GLANCE_ACCESS_LOG (one line per request, to count GET /file);
+#   with Ceph GLANCE_RBD_STORE and GLANCE_RBD_FSID; with the gateway GLANCE_S3_STORE, GLANCE_S3_BUCKET,
+#   GLANCE_WEB_STORE, GLANCE_WEB_DIR (files put there are served at GLANCE_WEB_URL/<name>).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BASE=${IMGCONV_FIXTURE_DIR:-/tmp/imgconv-openstack}
 KS_PORT=${KEYSTONE_PORT:-5050}
 G_PORT=${GLANCE_PORT:-9292}
+WEB_PORT=${WEB_PORT:-13381}
 PY=${PYTHON:-python3}
 VENV=$BASE/venv ETC=$BASE/etc STATE=$BASE/state LOG=$BASE/log RUN=$BASE/run
 CEPH_ENV=${IMGCONV_CEPH_ENV:-}
+RGW_ENDPOINT="" RGW_ACCESS_KEY="" RGW_SECRET_KEY=""
 VENV_OPTS=()
 if [ -n "$CEPH_ENV" ]; then
     [ -r "$CEPH_ENV" ] || { echo "IMGCONV_CEPH_ENV=$CEPH_ENV is not readable (scripts/ceph-cluster.sh start)" >&2; exit 2; }
     PY=/usr/bin/python3 VENV=$BASE/venv-rbd VENV_OPTS=(--system-site-packages)
+    eval "$(grep -E '^RGW_(ENDPOINT|ACCESS_KEY|SECRET_KEY)=' "$CEPH_ENV" || true)"
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONWARNINGS=ignore
 
@@ -68,7 +77,7 @@ wait_http() {  # url expected-code seconds
 }
 
 start() {
-    if alive "$RUN/glance.pid" || alive "$RUN/keystone.pid"; then
+    if alive "$RUN/glance.pid" || alive "$RUN/keystone.pid" || alive "$RUN/web.pid"; then
         echo "already running; run '$0 stop' first" >&2
         exit 1
     fi
@@ -79,12 +88,20 @@ start() {
         "$VENV/bin/pip" install -q pip==26.3 || true
         "$VENV/bin/pip" install -q -c "$HERE/openstack-constraints.txt" glance keystone gunicorn
     fi
+    # glance_store's s3 driver needs boto3, whose botocore pins python-dateutil below openstack-constraints.txt's.
+    if [ -n "$RGW_ENDPOINT" ] && ! "$VENV/bin/python" -c 'import boto3' 2>/dev/null; then
+        echo "installing boto3 into $VENV (pinned by scripts/openstack-constraints-s3.txt)"
+        local pins=$BASE/constraints-s3.txt
+        { grep -v -E "^($(grep -oE '^[A-Za-z0-9_.-]+' "$HERE/openstack-constraints-s3.txt" | paste -sd'|'))==" \
+            "$HERE/openstack-constraints.txt"; grep -E '==' "$HERE/openstack-constraints-s3.txt"; } >"$pins"
+        "$VENV/bin/pip" install -q -c "$pins" boto3 python-dateutil
+    fi
     if [ -n "$CEPH_ENV" ] && ! "$VENV/bin/python" -c 'import rados, rbd' 2>/dev/null; then
         echo "$VENV/bin/python cannot import rados, rbd: apt-get install python3-rados python3-rbd" >&2
         exit 1
     fi
     rm -rf "$STATE" "$ETC" "$LOG"/*
-    mkdir -p "$STATE/images" "$STATE/staging" "$STATE/tasks" "$STATE/cache" "$STATE/keystone/fernet" \
+    mkdir -p "$STATE/images" "$STATE/web" "$STATE/staging" "$STATE/tasks" "$STATE/cache" "$STATE/keystone/fernet" \
         "$STATE/keystone/credential" "$ETC" "$LOG"
 
     # ---- Keystone: sqlite, fernet tokens; gunicorn must not hand its argv to oslo.config.
@@ -160,6 +177,31 @@ rados_connect_timeout = 30"
         ceph_env="GLANCE_RBD_STORE=ceph1
 GLANCE_RBD_FSID=$CEPH_FSID"
     fi
+    # ---- The gateway (with IMGCONV_CEPH_ENV from a cluster that runs one): an s3 store on it, and the http store,
+    # whose images are URLs on a local web server.
+    if [ -n "$RGW_ENDPOINT" ]; then
+        backends="$backends, s3rgw:s3, web:http"
+        ceph_section="$ceph_section
+[s3rgw]
+store_description = Ceph RGW (S3), bucket glance
+s3_store_host = $RGW_ENDPOINT
+s3_store_access_key = $RGW_ACCESS_KEY
+s3_store_secret_key = $RGW_SECRET_KEY
+s3_store_bucket = glance
+s3_store_create_bucket_on_put = true
+s3_store_bucket_url_format = path
+[web]
+store_description = read-only HTTP"
+        ceph_env="$ceph_env
+GLANCE_S3_STORE=s3rgw
+GLANCE_S3_BUCKET=glance
+GLANCE_WEB_STORE=web
+GLANCE_WEB_DIR=$STATE/web
+GLANCE_WEB_URL=http://127.0.0.1:$WEB_PORT"
+        (cd "$STATE/web" && exec setsid "$PY" -m http.server "$WEB_PORT" --bind 127.0.0.1 >"$LOG/web.log" 2>&1 &
+         echo $! >"$RUN/web.pid")
+        wait_http "http://127.0.0.1:$WEB_PORT/" 200 30
+    fi
 
     # ---- Glance: keystone paste flavor, file store, locations shown (the rbd clone path reads them).
     cat >"$ETC/glance-api.conf" <<EOF
@@ -169,6 +211,7 @@ log_file = $LOG/glance-api.log
 enabled_backends = $backends
 show_image_direct_url = true
 show_multiple_locations = true
+enabled_import_methods = [glance-direct,web-download,copy-image]
 image_cache_dir = $STATE/cache
 worker_self_reference_url = http://127.0.0.1:$G_PORT
 [database]
@@ -182,6 +225,10 @@ $ceph_section
 filesystem_store_datadir = $STATE/staging
 [os_glance_tasks_store]
 filesystem_store_datadir = $STATE/tasks
+[import_filtering_opts]
+# lists need the [a,b] form; http locations must pass this filter too
+allowed_hosts = [127.0.0.1]
+allowed_ports = [80,443,8000,$WEB_PORT]
 [paste_deploy]
 flavor = keystone
 config_file = $ETC/glance-api-paste.ini
@@ -254,7 +301,7 @@ EOF
 
 case "${1:-}" in
     start) start ;;
-    stop) stop_one "$RUN/glance.pid" glance; stop_one "$RUN/keystone.pid" keystone ;;
+    stop) stop_one "$RUN/glance.pid" glance; stop_one "$RUN/keystone.pid" keystone; stop_one "$RUN/web.pid" web ;;
     env) echo "$BASE/env" ;;
     token) token admin secret admin ;;
     *) echo "usage: $0 start|stop|env|token" >&2; exit 2 ;;

@@ -8,6 +8,8 @@ real networks and servers do:
   --ignore-range      drop the Range header before forwarding (a server that answers a Range request with
                       the whole body and 200)
   --rate BYTES        send response bodies at most this fast (so a test can kill the agent mid-download)
+  strip_query (control file only): forward requests without their query string (a Glance older than 33, which
+                      ignores ?prefer=)
   fail_status, fails, fail_path (control file only): answer the first `fails` requests whose path ends with
                       `fail_path` with `fail_status` instead of forwarding them (an overloaded server's 5xx)
 Control: the proxy re-reads --control (a JSON file with the same keys) before every request, so a test can
@@ -35,7 +37,8 @@ fails_done = 0
 
 
 def settings():
-    s = {"cut_after": 0, "cuts": 0, "ignore_range": False, "rate": 0, "fail_status": 0, "fails": 0, "fail_path": ""}
+    s = {"cut_after": 0, "cuts": 0, "ignore_range": False, "rate": 0, "fail_status": 0, "fails": 0, "fail_path": "",
+         "strip_query": False}
     if args.control and os.path.exists(args.control):
         try:
             with open(args.control) as f:
@@ -66,6 +69,7 @@ class Handler(socketserver.StreamRequestHandler):
             s = settings()
             request_line = head[0].decode("latin-1").strip()
             method, path = request_line.split(" ")[:2]
+            route = path.split("?", 1)[0]
             headers = head[1:]
             rng = ""
             kept = []
@@ -86,7 +90,7 @@ class Handler(socketserver.StreamRequestHandler):
                 with open(args.log, "a") as log:
                     log.write(f"{method} {path} {rng or '-'}\n")
             fail = False
-            if s["fail_status"] and path.endswith(s["fail_path"]):
+            if s["fail_status"] and route.endswith(s["fail_path"]):
                 with lock:
                     if fails_done < s["fails"]:
                         fails_done += 1
@@ -98,12 +102,15 @@ class Handler(socketserver.StreamRequestHandler):
                 self.wfile.flush()
                 continue
             up = socket.create_connection((host, int(port)))
-            up.sendall(head[0] + b"".join(kept) + b"Connection: close\r\n\r\n" + body)
+            first = head[0]
+            if s["strip_query"] and route != path:
+                first = f"{method} {route} {request_line.split(' ')[2]}\r\n".encode("latin-1")
+            up.sendall(first + b"".join(kept) + b"Connection: close\r\n\r\n" + body)
             uf = up.makefile("rb")
             status_line = uf.readline()
             resp_headers = read_head(uf) or []
             cut = 0
-            if method == "GET" and path.endswith("/file") and s["cut_after"]:
+            if method == "GET" and route.endswith("/file") and s["cut_after"]:
                 with lock:
                     if cuts_done < s["cuts"]:
                         cuts_done += 1

@@ -39,7 +39,8 @@ public enum AgentRunner {
             auth = nil
         }
         let client = GlanceClient(http: http, endpoint: GlanceEndpoint(apiServers: g.apiServers, auth: auth,
-                                                                       region: g.regionName, interface: g.interface))
+                                                                       region: g.regionName, interface: g.interface,
+                                                                       preferStores: g.preferStores))
         return GlanceSource(client: client, verify: g.verifyHash, retry: RetryPolicy(attempts: g.retries),
                             bytesPerSecond: config.prefetch.bandwidthLimit)
     }
@@ -57,6 +58,8 @@ public enum AgentRunner {
             s.pool = r.pool
             s.leaseSeconds = Int(r.lease.rounded(.up))
             s.baseWait = Int(r.baseWait)
+            s.copyToStore = config.glance.copyToStore
+            s.copyTimeout = config.glance.copyTimeout
             return RBDBackend(settings: s, logger: logger)
         }
         return LocalBackend(instancesDir: config.instancesDirectory, stateDir: config.agent.stateDir, logger: logger)

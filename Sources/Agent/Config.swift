@@ -43,6 +43,11 @@ public struct AgentConfig: Sendable {
         public var interface = "public"
         public var verifyHash = true
         public var retries = 5
+        /// Stores Glance should read images from first (`?prefer=`, Glance 33+ with several stores).
+        public var preferStores: [String] = []
+        /// A local rbd store Glance copies raw images into before they are cloned (copy-image; nil: never).
+        public var copyToStore: String?
+        public var copyTimeout: Double = 600
     }
     public struct CacheSection: Sendable {
         public var directory: String?
@@ -215,6 +220,9 @@ public struct AgentConfig: Sendable {
             glance.interface = i
         case ("glance", "verify_hash"): glance.verifyHash = try Self.bool(v)
         case ("glance", "num_retries"): glance.retries = try Self.int(v, 0...100)
+        case ("glance", "prefer_stores"): glance.preferStores = try Self.list(v).map(Self.token)
+        case ("glance", "copy_to_store"): glance.copyToStore = v.isEmpty ? nil : try Self.token(v)
+        case ("glance", "copy_timeout"): glance.copyTimeout = try Self.duration(v, in: 1...86400)
         case ("cache", "directory"): cache.directory = try Self.path(v)
         case ("cache", "max_size"): cache.maxSize = try Self.size(v, in: (1 << 20)...(1 << 50))
         case ("cache", "min_free"): cache.minFree = try Self.size(v, in: 0...(1 << 50))
@@ -311,7 +319,7 @@ public struct AgentConfig: Sendable {
 
     static func token(_ v: String) throws -> String {
         guard v.allSatisfy({ $0.isLetter || $0.isNumber || "_-.:".contains($0) }) else {
-            throw ConfigError("'\(v)' is not a property name")
+            throw ConfigError("'\(v)' is not a name: only letters, digits and _ - . : are allowed")
         }
         return v
     }

@@ -36,13 +36,15 @@ public struct CachedImage: Codable, Sendable, Equatable, FetchableRecord, Persis
     /// computed in the same pass: what a scrub compares with when Glance has no hash.
     public var recordedHashAlgo: String?
     public var recordedHash: String?
+    /// The Glance stores that held the image when it was fetched (multi-store Glance's `stores`).
+    public var stores: [String]?
 
     enum CodingKeys: String, CodingKey {
         case id, name, diskFormat = "disk_format", storedFormat = "stored_format", size, virtualSize = "virtual_size"
         case osHashAlgo = "os_hash_algo", osHashValue = "os_hash_value", checksum, state, bytesDone = "bytes_done"
         case bytesTotal = "bytes_total", diskBytes = "disk_bytes", path, error, pinned, useCount = "use_count"
         case lastUsed = "last_used", createdAt = "created_at", verifiedAt = "verified_at"
-        case recordedHashAlgo = "recorded_hash_algo", recordedHash = "recorded_hash"
+        case recordedHashAlgo = "recorded_hash_algo", recordedHash = "recorded_hash", stores
     }
 
     /// True when the file holds the bytes exactly as Glance stores them (not converted by force_raw), so Glance's
@@ -104,6 +106,11 @@ public final class CacheIndex: Sendable {
             try db.alter(table: "images") { t in
                 t.add(column: "recorded_hash_algo", .text)
                 t.add(column: "recorded_hash", .text)
+            }
+        }
+        migrator.registerMigration("v3 stores") { db in
+            try db.alter(table: "images") { t in
+                t.add(column: "stores", .text)  // a JSON array
             }
         }
         try migrator.migrate(db)

@@ -316,6 +316,7 @@ public actor ImageCache {
         row.osHashAlgo = image.osHashAlgo
         row.osHashValue = image.osHashValue
         row.checksum = image.checksum
+        row.stores = image.stores.isEmpty ? nil : image.stores
         row.bytesDone = 0
         row.bytesTotal = image.size
         row.error = nil

@@ -6,6 +6,13 @@ public protocol ImageSource: Sendable {
     func show(_ id: String) async throws -> GlanceImage
     /// `throttled`: a background fetch, subject to the prefetch bandwidth limit.
     func download(_ image: GlanceImage, into sink: any DownloadSink, throttled: Bool, progress: DownloadProgress?) async throws -> DownloadResult
+    /// The Glance client behind this source, for the calls beyond show and download (copy-image, locations);
+    /// nil for a source that is not Glance.
+    var glance: GlanceClient? { get }
+}
+
+extension ImageSource {
+    public var glance: GlanceClient? { nil }
 }
 
 /// Glance v2 as an image source, downloads verified and resumable.
@@ -23,6 +30,8 @@ public struct GlanceSource: ImageSource {
     }
 
     public func show(_ id: String) async throws -> GlanceImage { try await client.show(id) }
+
+    public var glance: GlanceClient? { client }
 
     public func download(_ image: GlanceImage, into sink: any DownloadSink, throttled: Bool,
                          progress: DownloadProgress?) async throws -> DownloadResult {

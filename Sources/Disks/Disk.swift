@@ -27,6 +27,8 @@ public struct DiskRequest: Sendable, Equatable {
 public enum DiskMethod: String, Sendable, Codable {
     /// A clone of Glance's own RBD image (its `rbd://` location): no data moved at all.
     case glanceClone = "glance-clone"
+    /// Glance copied the image into a local rbd store first (`[glance] copy_to_store`), then a clone of the copy.
+    case copyToStore = "copy-to-store"
     /// A clone of a shared base this request built (download, convert, stream into RBD).
     case baseBuilt = "base-built"
     /// A clone of a shared base that already existed, or that another agent built while this one waited.
@@ -51,6 +53,8 @@ public struct DiskInfo: Sendable, Equatable, Codable {
     public var seconds: Double?
     /// Bytes written into the cluster (or the local base) for this request: 0 for a clone of an existing base.
     public var bytesWritten: UInt64?
+    /// Why a cheaper path (copy-to-store) was not taken, when it was tried.
+    public var fallback: String?
 
     public init(name: String, backend: String, location: String, size: UInt64, parent: String? = nil,
                 imageID: String? = nil, method: DiskMethod? = nil, seconds: Double? = nil, bytesWritten: UInt64? = nil) {
@@ -69,6 +73,7 @@ public struct DiskInfo: Sendable, Equatable, Codable {
         case name, backend, location, size, parent, method, seconds
         case imageID = "image_id"
         case bytesWritten = "bytes_written"
+        case fallback
     }
 }
 

@@ -22,6 +22,7 @@ public final class RBDBackend: DiskBackend, Sendable {
     let builder: BaseBuilder
     let planner: GlanceClonePlanner
     let gc: BaseGC
+    let copier: StoreCopier?
     let logger: Logger
     /// Counters for /metrics and tests.
     public let stats = Counters()
@@ -31,8 +32,10 @@ public final class RBDBackend: DiskBackend, Sendable {
         public var basesBuilt = 0
         public var baseClones = 0
         public var takeovers = 0
-        public init(glanceClones: Int = 0, basesBuilt: Int = 0, baseClones: Int = 0, takeovers: Int = 0) {
+        public var storeCopies = 0
+        public init(glanceClones: Int = 0, basesBuilt: Int = 0, baseClones: Int = 0, takeovers: Int = 0, storeCopies: Int = 0) {
             (self.glanceClones, self.basesBuilt, self.baseClones, self.takeovers) = (glanceClones, basesBuilt, baseClones, takeovers)
+            self.storeCopies = storeCopies
         }
     }
 
@@ -46,7 +49,7 @@ public final class RBDBackend: DiskBackend, Sendable {
     public var counters: [(name: String, value: Int)] {
         let s = stats.snapshot
         return [("glance_clones", s.glanceClones), ("base_clones", s.baseClones), ("bases_built", s.basesBuilt),
-                ("takeovers", s.takeovers)]
+                ("takeovers", s.takeovers), ("store_copies", s.storeCopies)]
     }
 
     public init(settings: RBDSettings, logger: Logger = Logger(label: "imgconv.disks.rbd")) {
@@ -55,6 +58,8 @@ public final class RBDBackend: DiskBackend, Sendable {
         builder = BaseBuilder(pool: pool, stats: stats, logger: logger)
         planner = GlanceClonePlanner(pool: pool, logger: logger)
         gc = BaseGC(pool: pool, logger: logger)
+        let pool = self.pool
+        copier = settings.copyToStore.map { StoreCopier(pool: pool, store: $0, timeout: settings.copyTimeout, logger: logger) }
     }
 
     /// The disks pool's I/O context (tests, tools).
@@ -78,6 +83,23 @@ public final class RBDBackend: DiskBackend, Sendable {
             return info
         }
 
+        var fallback: String?
+        if image.diskFormat == "raw", let copier, let glance = source.glance {
+            switch await copier.copy(image, glance: glance) {
+            case let .copied(location):
+                var info = try await planner.clone(location, request: request)
+                info.method = .copyToStore
+                info.seconds = started.duration(to: .now).seconds
+                stats.add(\.storeCopies)
+                logger.info("disk ready", metadata: ["disk": "\(info.location)", "method": "copy-to-store", "seconds": "\(info.seconds!)"])
+                return info
+            case let .fallback(why):
+                try Task.checkCancellation()
+                logger.warning("copy-to-store not used; building the shared base", metadata: ["image": "\(image.id)", "reason": "\(why)"])
+                fallback = why
+            }
+        }
+
         let base = try await builder.ensure(image, cache: cache, source: source)
         let snapshot = settings.snapshot
         var info = try await pool.run { io throws -> DiskInfo in
@@ -86,6 +108,7 @@ public final class RBDBackend: DiskBackend, Sendable {
                             parent: "\(io.pool)/\(base.name)@\(snapshot)", imageID: image.id,
                             method: base.built ? .baseBuilt : .baseReused, bytesWritten: base.written)
         }
+        info.fallback = fallback
         info.seconds = started.duration(to: .now).seconds
         stats.add(\.baseClones)
         logger.info("disk ready", metadata: ["disk": "\(info.location)", "method": "\(info.method!.rawValue)",

@@ -20,6 +20,10 @@ public struct RBDSettings: Sendable, Equatable {
     public var order = 22
     /// Seconds a fenced builder stays blocklisted (it is never used again; its agent opens a new client).
     public var fenceSeconds: UInt32 = 3600
+    /// `[glance] copy_to_store`: the rbd store a raw image in no local rbd store is first copied to (nil: never).
+    public var copyToStore: String?
+    /// `[glance] copy_timeout`: seconds to wait for that copy before building the base instead.
+    public var copyTimeout: Double = 600
 
     public init(ceph: CephConfiguration) { self.ceph = ceph }
 

@@ -48,7 +48,8 @@ public typealias DownloadProgress = @Sendable (UInt64) -> Void
 /// Streams an image's bytes from Glance into a sink while hashing them with `os_hash_algo` (or, for an image
 /// without one, md5 `checksum`) in the same pass. A dropped connection resumes with `Range: bytes=N-`; a server
 /// that ignores the Range and sends the whole body is detected (200 instead of 206) and its first N bytes
-/// skipped. Nothing is trusted until `run` returns: the caller must not publish the bytes before that.
+/// skipped; a store that refuses Range requests (Glance's s3 and http stores answer 400) is read again from the
+/// start on every retry, skipping what was received. Nothing is trusted until `run` returns: the caller must not publish the bytes before that.
 ///
 /// The network loop fills 4 MiB blocks; a worker thread writes a block and updates the hash in parallel while
 /// the next block is received.
@@ -127,6 +128,9 @@ public final class VerifiedDownload: @unchecked Sendable {
         var failures = 0
         var resumes = 0
         var rangeIgnored = 0
+        // Glance's s3 and http stores refuse a Range (400 "Getting images randomly from this store is not
+        // supported"): once refused, every retry asks for the whole body and skips what was already received.
+        var rangeRefused = false
         let started = DispatchTime.now().uptimeNanoseconds
 
         func submit() async throws {
@@ -144,13 +148,20 @@ public final class VerifiedDownload: @unchecked Sendable {
             let attemptStart = received
             do {
                 if received > 0 { resumes += 1 }
-                let (response, url) = try await client.openFile(image.id, offset: received)
+                let (response, url) = try await client.openFile(image.id, offset: rangeRefused ? 0 : received)
                 var skip: UInt64 = 0
                 switch response.status.code {
+                case let code where received > 0 && !rangeRefused && [400, 416, 501].contains(code):
+                    let body = try? await response.body.collect(upTo: 1 << 20)
+                    rangeRefused = true
+                    logger.warning("the store refused a Range request; downloading again from the start",
+                                   metadata: ["image": "\(image.id)", "skip": "\(received)",
+                                              "status": "\(response.status.code)", "detail": "\(body.map(GlanceClient.excerpt) ?? "")"])
+                    continue
                 case 200:
-                    if received > 0 {
+                    skip = received
+                    if received > 0 && !rangeRefused {
                         rangeIgnored += 1
-                        skip = received
                         logger.warning("server ignored Range and sent the whole body; skipping the prefix",
                                        metadata: ["image": "\(image.id)", "skip": "\(skip)"])
                     }

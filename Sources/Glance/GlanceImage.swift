@@ -16,12 +16,16 @@ public struct GlanceImage: Sendable, Equatable, Codable {
     public var tags: [String]
     /// `locations[].url` plus `direct_url`, as shown when the deployment exposes them.
     public var locations: [String]
+    /// The store of each location whose metadata names one (`locations[].metadata.store`), by URL.
+    public var locationStores: [String: String]
+    /// The stores that hold the image (multi-store Glance's `stores`, a comma-separated string), in Glance's order.
+    public var stores: [String]
     public var properties: [String: String]
 
     public init(id: String, name: String? = nil, status: String = "active", diskFormat: String? = nil,
                 containerFormat: String? = nil, size: UInt64? = nil, virtualSize: UInt64? = nil, checksum: String? = nil,
                 osHashAlgo: String? = nil, osHashValue: String? = nil, tags: [String] = [], locations: [String] = [],
-                properties: [String: String] = [:]) {
+                locationStores: [String: String] = [:], stores: [String] = [], properties: [String: String] = [:]) {
         self.id = id
         self.name = name
         self.status = status
@@ -34,6 +38,8 @@ public struct GlanceImage: Sendable, Equatable, Codable {
         self.osHashValue = osHashValue
         self.tags = tags
         self.locations = locations
+        self.locationStores = locationStores
+        self.stores = stores
         self.properties = properties
     }
 
@@ -47,7 +53,12 @@ public struct GlanceImage: Sendable, Equatable, Codable {
     public init(json o: [String: Any]) throws {
         guard let id = o["id"] as? String else { throw GlanceError.malformedResponse(url: "image", detail: "no id") }
         func u64(_ k: String) -> UInt64? { (o[k] as? NSNumber).flatMap { $0.int64Value >= 0 ? UInt64($0.int64Value) : nil } }
-        var locations = ((o["locations"] as? [[String: Any]]) ?? []).compactMap { $0["url"] as? String }
+        let shown = (o["locations"] as? [[String: Any]]) ?? []
+        var locations = shown.compactMap { $0["url"] as? String }
+        var locationStores: [String: String] = [:]
+        for l in shown {
+            if let url = l["url"] as? String, let store = (l["metadata"] as? [String: Any])?["store"] as? String { locationStores[url] = store }
+        }
         if let d = o["direct_url"] as? String, !locations.contains(d) { locations.append(d) }
         var props: [String: String] = [:]
         for (k, v) in o where !Self.knownKeys.contains(k) {
@@ -61,8 +72,26 @@ public struct GlanceImage: Sendable, Equatable, Codable {
                   diskFormat: o["disk_format"] as? String, containerFormat: o["container_format"] as? String,
                   size: u64("size"), virtualSize: u64("virtual_size"), checksum: o["checksum"] as? String,
                   osHashAlgo: o["os_hash_algo"] as? String, osHashValue: o["os_hash_value"] as? String,
-                  tags: (o["tags"] as? [String]) ?? [], locations: locations, properties: props)
+                  tags: (o["tags"] as? [String]) ?? [], locations: locations, locationStores: locationStores,
+                  stores: Self.storeList(o["stores"]), properties: props)
     }
+
+    /// Glance writes `stores` (and `os_glance_importing_to_stores`, `os_glance_failed_import`) as one
+    /// comma-separated string; a list is accepted too.
+    public static func storeList(_ value: Any?) -> [String] {
+        let items: [String]
+        switch value {
+        case let s as String: items = s.split(separator: ",").map(String.init)
+        case let a as [Any]: items = a.compactMap { $0 as? String }
+        default: items = []
+        }
+        return items.map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    }
+
+    /// Stores a copy-image import is still copying to (`os_glance_importing_to_stores`).
+    public var importingToStores: [String] { Self.storeList(properties["os_glance_importing_to_stores"]) }
+    /// Stores a copy-image import failed for (`os_glance_failed_import`).
+    public var failedImportStores: [String] { Self.storeList(properties["os_glance_failed_import"]) }
 
     /// True when a property is set to a true value, as Glance and Nova spell booleans.
     public func propertyIsTrue(_ key: String) -> Bool {

@@ -10,11 +10,7 @@ import Testing
 @Suite("agent disks", .enabled(if: OpenStack.available && Ceph.available), .serialized)
 struct AgentDiskTests {
     func rbdAgent(lease: String = "30", confPath: String = Ceph.confPath, timeout: String = "10") throws -> AgentProcess {
-        let a = try AgentProcess(["rbd": ["ceph_conf": confPath, "user": Ceph.env["CEPH_USER"] ?? "imgconv",
-                                          "keyring": Ceph.env["CEPH_USER_KEYRING"]!, "lease": lease,
-                                          "connect_timeout": timeout]])
-        try a.start()
-        return a
+        try AgentProcess.rbd(["rbd": ["ceph_conf": confPath, "connect_timeout": timeout]], lease: lease)
     }
 
     /// A qcow2 of `mib` MiB of mixed data (the oracle makes it), and its raw form.
@@ -26,7 +22,7 @@ struct AgentDiskTests {
         return ([UInt8](try Data(contentsOf: URL(fileURLWithPath: dir + "/src.qcow2"))), raw)
     }
 
-    func body(_ instance: String, _ image: String) -> String { #"{"instance_uuid": "\#(instance)", "image_id": "\#(image)"}"# }
+    func body(_ instance: String, _ image: String) -> String { diskBody(instance, image) }
 
     func exported(_ spec: String, _ dir: String) throws -> Data {
         try Ceph.export(spec, to: dir + "/export.raw")

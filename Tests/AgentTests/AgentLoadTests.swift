@@ -15,19 +15,14 @@ import Glibc
 @Suite("agent under load", .enabled(if: OpenStack.available && Ceph.available), .serialized)
 struct AgentLoadTests {
     func rbdAgent(_ extra: [String: [String: String]] = [:], lease: String = "30", environment: [String: String] = [:]) throws -> AgentProcess {
-        var sections = ["rbd": ["ceph_conf": Ceph.confPath, "user": Ceph.env["CEPH_USER"] ?? "imgconv",
-                                "keyring": Ceph.env["CEPH_USER_KEYRING"]!, "lease": lease],
-                        "cache": ["max_size": "8G"]]
-        for (s, kv) in extra { sections[s, default: [:]].merge(kv) { $1 } }
-        let a = try AgentProcess(sections)
-        try a.start(environment: environment)
-        return a
+        try AgentProcess.rbd(extra, lease: lease, environment: environment)
     }
 
     let vms = Result { try RadosCluster(Ceph.user).ioContext(pool: "vms") }
+
     func rbdImages() throws -> [String] { try vms.get().listImages() }
 
-    func body(_ instance: String, _ image: String) -> String { #"{"instance_uuid": "\#(instance)", "image_id": "\#(image)"}"# }
+    func body(_ instance: String, _ image: String) -> String { diskBody(instance, image) }
 
     func job(_ a: AgentProcess, _ id: String) throws -> [String: Any] { (try a.request("GET", "/v1/jobs/\(id)").1 as? [String: Any]) ?? [:] }
 

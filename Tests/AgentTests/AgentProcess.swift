@@ -1,3 +1,4 @@
+import CephFixture
 import Crypto
 import Dispatch
 import Foundation
@@ -251,3 +252,21 @@ func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) -> Task<T
         }
     }
 }
+
+extension AgentProcess {
+    /// A running agent whose disks are RBD clones on the test cluster, as the restricted user an operator makes
+    /// (README "Ceph set-up"). `extra` adds or overrides config keys, `environment` the process's variables.
+    static func rbd(_ extra: [String: [String: String]] = [:], lease: String = "30",
+                    environment: [String: String] = [:]) throws -> AgentProcess {
+        var sections = ["rbd": ["ceph_conf": Ceph.confPath, "user": Ceph.env["CEPH_USER"] ?? "imgconv",
+                                "keyring": Ceph.env["CEPH_USER_KEYRING"]!, "lease": lease],
+                        "cache": ["max_size": "8G"]]
+        for (s, kv) in extra { sections[s, default: [:]].merge(kv) { $1 } }
+        let a = try AgentProcess(sections)
+        try a.start(environment: environment)
+        return a
+    }
+}
+
+/// The body of `POST /v1/disks`.
+func diskBody(_ instance: String, _ image: String) -> String { #"{"instance_uuid": "\#(instance)", "image_id": "\#(image)"}"# }

@@ -87,6 +87,26 @@ struct GlanceUnitTests {
         #expect(throws: GlanceError.self) { try GlanceImage(json: ["name": "no id"]) }
     }
 
+    /// Multi-store Glance writes `stores` and the copy-image status as comma-separated strings at the top level
+    /// of the image (Nova looks for lists elsewhere and never sees a failure).
+    @Test func parsesStoresAndImportStatus() throws {
+        let json = """
+        {"id":"198f71f9-53e4-45b9-916d-5ea25ee3abf2","status":"active","stores":"file1,ceph1",
+         "os_glance_importing_to_stores":"s3rgw","os_glance_failed_import":"web, nope",
+         "locations":[{"url":"file:///g/198f71f9-53e4-45b9-916d-5ea25ee3abf2","metadata":{"store":"file1"}},
+                      {"url":"rbd://fsid/images/198f71f9-53e4-45b9-916d-5ea25ee3abf2/snap","metadata":{"store":"ceph1"}}]}
+        """
+        let i = try GlanceImage(json: try JSONSerialization.jsonObject(with: Data(json.utf8)) as! [String: Any])
+        #expect(i.stores == ["file1", "ceph1"])
+        #expect(i.importingToStores == ["s3rgw"])
+        #expect(i.failedImportStores == ["web", "nope"])
+        #expect(i.locationStores["rbd://fsid/images/198f71f9-53e4-45b9-916d-5ea25ee3abf2/snap"] == "ceph1")
+        let done = try GlanceImage(json: ["id": "i", "stores": "file1,ceph1", "os_glance_importing_to_stores": "", "os_glance_failed_import": ""])
+        #expect(done.importingToStores.isEmpty && done.failedImportStores.isEmpty)
+        #expect(try GlanceImage(json: ["id": "i"]).stores.isEmpty)
+        #expect(GlanceImage.storeList(["a", " b "]) == ["a", "b"])
+    }
+
     @Test func imageIDsAreUUIDsOnly() {
         #expect(ImageID.isValid("198f71f9-53e4-45b9-916d-5ea25ee3abf2"))
         #expect(ImageID.isValid("198F71F9-53E4-45B9-916D-5EA25EE3ABF2"))

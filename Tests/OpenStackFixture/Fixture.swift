@@ -44,6 +44,11 @@ public enum OpenStack {
     public static var accessLog: String { env["GLANCE_ACCESS_LOG"]! }
     /// Glance's Ceph store (the fixture started with IMGCONV_CEPH_ENV), if it has one.
     public static var rbdStore: String? { env["GLANCE_RBD_STORE"] }
+    /// Glance's s3 store on the cluster's RADOS Gateway, and its read-only http store, if it has them.
+    public static var s3Store: String? { env["GLANCE_S3_STORE"] }
+    public static var webStore: String? { env["GLANCE_WEB_STORE"] }
+    /// Every store of this Glance: file1, and with Ceph ceph1, s3rgw and web.
+    public static var stores: [String] { ["file1"] + [rbdStore, s3Store, webStore].compactMap { $0 } }
 
     /// Admin tokens are shared by every test of a process (renewed after 30 minutes): issuing one per request
     /// made Keystone's sqlite the bottleneck when two suites ran at once.
@@ -184,6 +189,43 @@ public enum OpenStack {
         guard up == 204 else { throw FixtureError("upload: HTTP \(up) \(String(describing: err))") }
         let (_, shown) = try await glance("GET", "/v2/images/\(id)")
         return shown as! [String: Any]
+    }
+
+    /// An image in `store`: uploaded with X-Image-Meta-Store, or for the read-only http store, written to the
+    /// fixture's web server and registered by URL through the location API (Glance HEADs and GETs it and computes
+    /// the hashes), as an operator registers an image that lives on a web server.
+    public static func createImage(_ bytes: [UInt8], diskFormat: String, name: String, inStore store: String) async throws -> [String: Any] {
+        guard store == webStore, let dir = env["GLANCE_WEB_DIR"], let base = env["GLANCE_WEB_URL"] else {
+            return try await createImage(bytes, diskFormat: diskFormat, name: name, store: store)
+        }
+        let (status, o) = try await glance("POST", "/v2/images", json: ["name": name, "disk_format": diskFormat, "container_format": "bare"])
+        guard status == 201, let id = (o as? [String: Any])?["id"] as? String else {
+            throw FixtureError("create image: HTTP \(status) \(String(describing: o))")
+        }
+        try Data(bytes).write(to: URL(fileURLWithPath: "\(dir)/\(id).img"))
+        let sha512 = try shellOutput(["sha512sum", "\(dir)/\(id).img"]).prefix(128)
+        let (added, err) = try await glance("POST", "/v2/images/\(id)/locations", json: [
+            "url": "\(base)/\(id).img", "validation_data": ["os_hash_algo": "sha512", "os_hash_value": String(sha512)],
+        ])
+        guard added == 202 else { throw FixtureError("add location: HTTP \(added) \(String(describing: err))") }
+        for _ in 0..<300 {
+            let (_, shown) = try await glance("GET", "/v2/images/\(id)")
+            if let image = shown as? [String: Any], image["status"] as? String == "active" { return image }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw FixtureError("image \(id) registered at \(base)/\(id).img never became active")
+    }
+
+    static func shellOutput(_ args: [String]) throws -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = args
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        try p.run()
+        let out = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return String(decoding: out, as: UTF8.self)
     }
 
     /// Uploads one of `samples/` (for example `qcow2-zlib.qcow2`) and returns the new image's id.

@@ -1,0 +1,180 @@
+import CephFixture
+import Foundation
+import OpenStackFixture
+import Testing
+
+/// Every store of a multi-store Glance (file1, ceph1, s3rgw on the cluster's RADOS Gateway, web: http), each a
+/// real glance_store driver: the agent downloads through Glance's `/v2/images/{id}/file` whichever store holds the
+/// image, and makes boot disks from it.
+@Suite("every Glance store", .enabled(if: OpenStack.available && Ceph.available && OpenStack.s3Store != nil), .serialized)
+struct GlanceStoreTests {
+    /// For each store, a raw image: the agent fetches and verifies it into its cache, and another agent (nothing
+    /// cached) makes a disk whose bytes are the image's, by the path the store allows: a clone of Glance's own
+    /// snapshot for ceph1, a base built from what Glance streams for the others.
+    @Test(arguments: ["file1", "ceph1", "s3rgw", "web"])
+    func fetchAndBootFromEachStore(store: String) async throws {
+        let bytes = OpenStack.testBytes((6 << 20) + 4096, seed: UInt64(store.utf8.reduce(0) { $0 &* 31 &+ UInt64($1) }))
+        let image = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "store-\(store)", inStore: store)
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        #expect(image["stores"] as? String == store, "\(image)")
+
+        let cache = try AgentProcess()
+        try cache.start()
+        defer { cache.stop() }
+        #expect([200, 202].contains(try cache.request("PUT", "/v1/images/\(id)").0))
+        let fetched = try await cache.waitForImage(id)
+        #expect(fetched["state"] as? String == "ready", "\(fetched) \(cache.log().suffix(2000))")
+        #expect(FileManager.default.contents(atPath: fetched["path"] as? String ?? "") == Data(bytes))
+
+        let disks = try AgentProcess.rbd()
+        defer { disks.stop() }
+        let instance = UUID().uuidString.lowercased()
+        let (status, o) = try disks.request("POST", "/v1/disks", json: diskBody(instance, id), timeout: 300)
+        let disk = o as? [String: Any] ?? [:]
+        #expect(status == 201, "\(disk) \(disks.log().suffix(2000))")
+        #expect(disk["method"] as? String == (store == OpenStack.rbdStore ? "glance-clone" : "base-built"), "\(disk)")
+        let path = NSTemporaryDirectory() + "store-\(instance).raw"
+        try Ceph.export("vms/\(instance)_disk", to: path)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        #expect(FileManager.default.contents(atPath: path) == Data(bytes))
+        #expect(try disks.request("DELETE", "/v1/disks/\(instance)_disk").0 == 204)
+        _ = try disks.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
+    }
+
+    /// Glance's s3 (and http) store refuses Range requests: 400 "Getting images randomly from this store is not
+    /// supported". A download from the gateway whose connection drops asks for the rest once, is refused, starts
+    /// again from the beginning (skipping what it has: the hash already covers it), and ends verified.
+    @Test func aCutDownloadFromS3StartsOverWhenGlanceRefusesTheRange() async throws {
+        let store = try #require(OpenStack.s3Store)
+        let bytes = OpenStack.testBytes(24 << 20, seed: 61)
+        let id = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "store-s3-cut", inStore: store)["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let proxy = try TestProxy(settings: ["cut_after": 7_000_000, "cuts": 1])
+        defer { proxy.stop() }
+        let agent = try AgentProcess(["glance": ["api_servers": proxy.url]])
+        try agent.start()
+        defer { agent.stop() }
+        _ = try agent.request("PUT", "/v1/images/\(id)")
+        let img = try await agent.waitForImage(id)
+        #expect(img["state"] as? String == "ready", "\(img) \(agent.log().suffix(2000))")
+        #expect(FileManager.default.contents(atPath: img["path"] as? String ?? "") == Data(bytes))
+        // The cut whole body, one Range request (refused by Glance), the whole body again.
+        let gets = proxy.requests().filter { $0.hasPrefix("GET ") && $0.contains("/file") }
+        #expect(gets.count == 3, "\(gets)")
+        #expect(gets.map { $0.hasSuffix(" -") } == [true, false, true], "\(gets)")
+        #expect(agent.log().contains("the store refused a Range request"))
+    }
+
+    /// `[glance] prefer_stores`: Glance 33 takes `?prefer=` (asked once, with a store that cannot exist and a
+    /// Range past the end: no data moves), so downloads carry it; a Glance that ignores the parameter (the proxy
+    /// strips it, as an older Glance would ignore it) is asked once and then sent nothing.
+    @Test(arguments: [true, false])
+    func preferStoresIsSentOnlyToAGlanceThatTakesIt(supported: Bool) async throws {
+        let rbd = try #require(OpenStack.rbdStore)
+        let bytes = OpenStack.testBytes((2 << 20) + 512, seed: supported ? 75 : 76)
+        let id = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "prefer", inStore: rbd)["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let proxy = try TestProxy(settings: ["strip_query": !supported])
+        defer { proxy.stop() }
+        let agent = try AgentProcess(["glance": ["api_servers": proxy.url, "prefer_stores": "\(rbd),file1"]])
+        try agent.start()
+        defer { agent.stop() }
+        _ = try agent.request("PUT", "/v1/images/\(id)")
+        let img = try await agent.waitForImage(id)
+        #expect(img["state"] as? String == "ready", "\(img) \(agent.log().suffix(2000))")
+        #expect(FileManager.default.contents(atPath: img["path"] as? String ?? "") == Data(bytes))
+        #expect(img["stores"] as? [String] == [rbd], "\(img)")
+        let files = proxy.requests().filter { $0.contains("/v2/images/\(id)/file") }
+        #expect(files.filter { $0.contains("prefer=imgconv-probe") }.count == 1, "\(files)")
+        let downloads = files.filter { !$0.contains("prefer=imgconv-probe") }
+        #expect(downloads.count == 1, "\(files)")
+        #expect(downloads.allSatisfy { $0.contains("?prefer=\(rbd),file1") == supported }, "\(files)")
+    }
+
+    /// Glance's import requests for `id` (copy-image), from its access log.
+    func importRequests(_ id: String) -> Int {
+        let log = (try? String(contentsOfFile: OpenStack.accessLog, encoding: .utf8)) ?? ""
+        return log.split(separator: "\n").filter { $0.contains("POST /v2/images/\(id)/import") }.count
+    }
+
+    func exported(_ disk: [String: Any]) throws -> Data? {
+        let path = NSTemporaryDirectory() + "copy-\(UUID().uuidString.prefix(8)).raw"
+        try Ceph.export(disk["location"] as? String ?? "", to: path)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        return FileManager.default.contents(atPath: path)
+    }
+
+    /// copy-to-store: a raw image only in the file store. Three agents ask for a disk at once; Glance gets one
+    /// copy-image request, copies the image into the rbd store, and every disk is a clone of Glance's copy.
+    @Test func copyToStoreAsksGlanceOnceAndClonesTheCopy() async throws {
+        let rbd = try #require(OpenStack.rbdStore)
+        let bytes = OpenStack.testBytes((5 << 20) + 512, seed: 71)
+        let id = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "copy-to-store", inStore: "file1")["id"] as! String
+        let agents = try (0..<3).map { _ in try AgentProcess.rbd(["glance": ["copy_to_store": rbd]]) }
+        defer { for a in agents { a.stop() } }
+        let calls = agents.map { a in
+            onThread { () -> (Int, Data) in
+                let (s, o) = try a.request("POST", "/v1/disks", json: diskBody(UUID().uuidString.lowercased(), id), timeout: 300)
+                return (s, (try? JSONSerialization.data(withJSONObject: o ?? [:])) ?? Data())
+            }
+        }
+        var disks: [[String: Any]] = []
+        for (i, c) in calls.enumerated() {
+            let (status, json) = try await c.value
+            let disk = (try? JSONSerialization.jsonObject(with: json)) as? [String: Any] ?? [:]
+            #expect(status == 201, "\(disk) \(agents[i].log().suffix(2000))")
+            disks.append(disk)
+        }
+        #expect(disks.allSatisfy { $0["method"] as? String == "copy-to-store" }, "\(disks)")
+        #expect(disks.allSatisfy { $0["parent"] as? String == "images/\(id)@snap" }, "\(disks)")
+        #expect(importRequests(id) == 1)
+        let (_, shown) = try await OpenStack.glance("GET", "/v2/images/\(id)")
+        #expect(Set(((shown as? [String: Any])?["stores"] as? String ?? "").split(separator: ",").map(String.init)) == ["file1", rbd])
+        for disk in disks { #expect(try exported(disk) == Data(bytes)) }
+        for (a, disk) in zip(agents, disks) { _ = try a.request("DELETE", "/v1/disks/\(disk["name"] as? String ?? "")") }
+        await OpenStack.deleteImage(id)
+    }
+
+    /// copy-image is admin-only by Glance's default policy: an agent whose user is a plain member gets 403, builds
+    /// the shared base instead, and says why in the disk's JSON.
+    @Test func copyToStoreRefusedByPolicyFallsBackToTheBase() async throws {
+        let rbd = try #require(OpenStack.rbdStore)
+        let bytes = OpenStack.testBytes((3 << 20) + 512, seed: 72)
+        let image = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "copy-refused", properties: ["visibility": "public"],
+                                                    store: "file1")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let a = try AgentProcess.rbd(["glance": ["copy_to_store": rbd, "username": "demo", "password": "demopw", "project_name": "demo"]])
+        defer { a.stop() }
+        let (status, o) = try a.request("POST", "/v1/disks", json: diskBody(UUID().uuidString.lowercased(), id), timeout: 300)
+        let disk = o as? [String: Any] ?? [:]
+        #expect(status == 201, "\(disk) \(a.log().suffix(2000))")
+        #expect(disk["method"] as? String == "base-built", "\(disk)")
+        #expect((disk["fallback"] as? String ?? "").contains("403"), "\(disk)")
+        #expect(a.log().contains("copy-to-store not used"))
+        #expect(try exported(disk) == Data(bytes))
+        _ = try a.request("DELETE", "/v1/disks/\(disk["name"] as? String ?? "")")
+        _ = try a.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
+    }
+
+    /// A copy Glance accepts and then fails (the http store is read-only: os_glance_failed_import names it) falls
+    /// back at once, not at the timeout.
+    @Test func aFailedCopyFallsBackWithoutWaitingForTheTimeout() async throws {
+        let web = try #require(OpenStack.webStore)
+        let bytes = OpenStack.testBytes((2 << 20) + 512, seed: 73)
+        let id = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "copy-fails", inStore: "file1")["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let a = try AgentProcess.rbd(["glance": ["copy_to_store": web, "copy_timeout": "120"]])
+        defer { a.stop() }
+        let (status, o) = try a.request("POST", "/v1/disks", json: diskBody(UUID().uuidString.lowercased(), id), timeout: 300)
+        let disk = o as? [String: Any] ?? [:]
+        #expect(status == 201, "\(disk) \(a.log().suffix(2000))")
+        #expect(disk["method"] as? String == "base-built", "\(disk)")
+        #expect((disk["fallback"] as? String ?? "").contains("os_glance_failed_import"), "\(disk)")
+        #expect((disk["seconds"] as? Double ?? 999) < 60, "\(disk)")
+        #expect(try exported(disk) == Data(bytes))
+        _ = try a.request("DELETE", "/v1/disks/\(disk["name"] as? String ?? "")")
+        _ = try a.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
+    }
+}
