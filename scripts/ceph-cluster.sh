@@ -7,6 +7,8 @@
 #   scripts/ceph-cluster.sh stop    stop exactly this cluster's daemons (OSD and mgr first, the mon last) and
 #                                   remove its directory
 #   scripts/ceph-cluster.sh env     print the env file path
+#   scripts/ceph-cluster.sh rgw-stop|rgw-kill|rgw-start   stop (SIGTERM), kill (SIGKILL: a crash) or start the
+#                                   gateway alone (tests cut S3 off in the middle of a download)
 #
 # Settings (environment): IMGCONV_CEPH_DIR (default /tmp/imgconv-ceph), CEPH_PORT (13300: mon msgr2; +1 msgr1),
 # CEPH_PORT_RANGE ("13400 13500": OSD and mgr), CEPH_RGW_PORT (13380: the gateway's HTTP port),
@@ -76,18 +78,31 @@ start_rgw() {
         ceph osd pool create "$p" 8 8 replicated >/dev/null 2>&1
         ceph osd pool application enable "$p" rgw >/dev/null 2>&1
     done
-    radosgw -c "$CONF" -n client.rgw.a --rgw-frontends "beast endpoint=$IP:$RGW_PORT" --rgw-data "$DIR/rgw.a" \
-        --rgw-thread-pool-size 32 2>>"$DIR/log/rgw.stderr"
-    local code=000
-    for i in $(seq 1 240); do
-        code=$(curl -m 5 -s -o /dev/null -w '%{http_code}' "http://$IP:$RGW_PORT/" || true)
-        [ "$code" = 200 ] && break
-        [ "$i" = 240 ] && { echo "the RADOS Gateway did not answer 200 within 120 s (last: $code)" >&2; exit 1; }
-        sleep 0.5
-    done
+    run_rgw
     radosgw-admin -c "$CONF" user create --uid=imgconv-test --display-name="imgconv tests" \
         --access-key="$RGW_ACCESS_KEY" --secret-key="$RGW_SECRET_KEY" >"$DIR/log/rgw-user.json"
     log "rgw up on $IP:$RGW_PORT"
+}
+
+# The gateway daemon alone (also `rgw-start` after `rgw-stop`: tests stop it in the middle of a download).
+run_rgw() {
+    # The daemon keeps whatever descriptors it inherits: close all but 0-2 (a caller's pipe would never see EOF).
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null || true; fi
+        done
+        exec radosgw -c "$CONF" -n client.rgw.a --rgw-frontends "beast endpoint=$IP:$RGW_PORT" --rgw-data "$DIR/rgw.a" \
+            --rgw-thread-pool-size 32 </dev/null >>"$DIR/log/rgw.stderr" 2>&1
+    )
+    local code=000
+    for i in $(seq 1 240); do
+        code=$(curl -m 5 -s -o /dev/null -w '%{http_code}' "http://$IP:$RGW_PORT/" || true)
+        [ "$code" = 200 ] && return 0
+        sleep 0.5
+    done
+    echo "the RADOS Gateway did not answer 200 within 120 s (last: $code)" >&2
+    exit 1
 }
 
 start() {
@@ -241,5 +256,11 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     env) echo "$DIR/env" ;;
-    *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+    rgw-stop) stop_daemons client.rgw.a ;;
+    rgw-kill) pid=$(cat "$DIR/run/client.rgw.a.pid" 2>/dev/null || true)
+              if [ -n "$pid" ] && ours "$pid"; then kill -KILL "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done; fi ;;
+    rgw-start) pid=$(cat "$DIR/run/client.rgw.a.pid" 2>/dev/null || true)
+               if [ -n "$pid" ] && ours "$pid"; then exit 0; fi
+               CEPH_CONF=$CONF run_rgw ;;
+    *) echo "usage: $0 start|stop|env|rgw-stop|rgw-kill|rgw-start" >&2; exit 2 ;;
 esac

@@ -16,7 +16,9 @@ services_wait
 # Tests that time the agent (health under load, a connection flood, SIGTERM) and tests that load the machine
 # (forged 4 GiB images, a 2 GiB conversion) run one at a time after the rest: Swift Testing runs suites in
 # parallel, and on two cores the heavy ones would be in what the timed ones (and the Ceph tests' own time
-# limits) measure.
-serial='AgentLoadTests|twoThousandConnectionsFromARefusedUIDDoNotDelayOthers|HostileImageTests|shutdownStopsAForceRawConversion'
+# limits) measure. The multi-store tests run there too: Glance's import tasks (copy-image, location import)
+# write to its sqlite in the background and fail with "database is locked" when other suites write at the same
+# time.
+serial='AgentLoadTests|twoThousandConnectionsFromARefusedUIDDoNotDelayOthers|HostileImageTests|shutdownStopsAForceRawConversion|GlanceStoreTests|StoreCopyTests'
 swift test --skip-build --skip "$serial"
 swift test --skip-build --no-parallel --filter "$serial"

@@ -17,9 +17,10 @@ import Glibc
 
 /// `imgconv agent`: the cache, the prefetch loop and the control API, until SIGTERM or SIGINT.
 public enum AgentRunner {
-    public static func makeHTTPClient() -> HTTPClient {
+    /// `readTimeout`: seconds a response may send nothing before the request fails (and a download resumes).
+    public static func makeHTTPClient(readTimeout: Double = 120) -> HTTPClient {
         var configuration = HTTPClient.Configuration()
-        configuration.timeout = .init(connect: .seconds(10), read: .seconds(120))
+        configuration.timeout = .init(connect: .seconds(10), read: .milliseconds(Int64(readTimeout * 1000)))
         configuration.decompression = .disabled
         return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
     }
@@ -69,7 +70,7 @@ public enum AgentRunner {
     static let shutdownDeadline = 4.5
 
     public static func run(config: AgentConfig, logger: Logger) async throws {
-        let http = makeHTTPClient()
+        let http = makeHTTPClient(readTimeout: config.glance.readTimeout)
         let source = makeSource(config, http: http, logger: logger)
         let socketPath = config.agent.socketPath
         let cache: ImageCache

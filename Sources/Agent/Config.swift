@@ -48,6 +48,9 @@ public struct AgentConfig: Sendable {
         /// A local rbd store Glance copies raw images into before they are cloned (copy-image; nil: never).
         public var copyToStore: String?
         public var copyTimeout: Double = 600
+        /// Seconds Glance may send nothing before a request fails and a download resumes (a store that died
+        /// mid-stream can leave Glance's response open but silent).
+        public var readTimeout: Double = 120
     }
     public struct CacheSection: Sendable {
         public var directory: String?
@@ -223,6 +226,7 @@ public struct AgentConfig: Sendable {
         case ("glance", "prefer_stores"): glance.preferStores = try Self.list(v).map(Self.token)
         case ("glance", "copy_to_store"): glance.copyToStore = v.isEmpty ? nil : try Self.token(v)
         case ("glance", "copy_timeout"): glance.copyTimeout = try Self.duration(v, in: 1...86400)
+        case ("glance", "read_timeout"): glance.readTimeout = try Self.duration(v, in: 1...3600)
         case ("cache", "directory"): cache.directory = try Self.path(v)
         case ("cache", "max_size"): cache.maxSize = try Self.size(v, in: (1 << 20)...(1 << 50))
         case ("cache", "min_free"): cache.minFree = try Self.size(v, in: 0...(1 << 50))

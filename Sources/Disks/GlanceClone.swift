@@ -16,10 +16,17 @@ struct GlanceClonePlanner: Sendable {
     let pool: RBDPool
     let logger: Logger
 
-    /// Glance's own copy of a raw image in this cluster, when there is one.
-    func location(_ image: GlanceImage) async throws -> GlanceRBDLocation? {
+    /// Glance's own copy of a raw image in this cluster, when there is one. The image shows its locations when
+    /// Glance has `show_image_direct_url` or `show_multiple_locations`; otherwise a user with the service role
+    /// reads them with `GET /v2/images/{id}/locations` (Glance 29+), asked only when the image is in more stores
+    /// than it shows locations for.
+    func location(_ image: GlanceImage, glance: GlanceClient?) async throws -> GlanceRBDLocation? {
         guard image.diskFormat == "raw" else { return nil }
-        let candidates = image.locations.compactMap(GlanceRBDLocation.init)
+        var candidates = image.locations.compactMap(GlanceRBDLocation.init)
+        if candidates.isEmpty, image.locations.count < image.stores.count, let glance,
+           let listed = try? await glance.locations(image.id) {
+            candidates = listed.compactMap { GlanceRBDLocation($0.url) }
+        }
         guard !candidates.isEmpty else { return nil }
         let fsid = try await pool.run { try $0.cluster.fsid() }
         return candidates.first { $0.fsid.lowercased() == fsid.lowercased() }

@@ -76,7 +76,7 @@ public final class RBDBackend: DiskBackend, Sendable {
         let name = request.diskName
         if try await pool.run(.calls) { try $0.imageExists(name) } { throw DiskError.exists(name) }
 
-        if let location = try await planner.location(image) {
+        if let location = try await planner.location(image, glance: source.glance) {
             var info = try await planner.clone(location, request: request)
             info.seconds = started.duration(to: .now).seconds
             stats.add(\.glanceClones)

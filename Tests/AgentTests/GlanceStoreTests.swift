@@ -66,6 +66,54 @@ struct GlanceStoreTests {
         #expect(agent.log().contains("the store refused a Range request"))
     }
 
+    /// Kills or starts the cluster's RADOS Gateway (scripts/ceph-cluster.sh rgw-kill|rgw-start).
+    func gateway(_ action: String) throws {
+        let r = try shell(["bash", OpenStack.repository + "/scripts/ceph-cluster.sh", "rgw-\(action)"])
+        guard r.status == 0 else { throw OpenStack.FixtureError("rgw-\(action): \(r.err)") }
+    }
+
+    /// The gateway behind the s3 store dies (SIGKILL: a graceful stop lets the running GET finish) in the middle of
+    /// a download and comes back a few seconds later:
+    /// Glance fails the stream, answers errors while S3 is gone and refuses the Range; the agent backs off, starts
+    /// again from the beginning and ends verified. Gone for good, the fetch ends in a clear error once its retries
+    /// (num_retries) are spent.
+    @Test(arguments: [true, false])
+    func theGatewayStopsMidDownload(comesBack: Bool) async throws {
+        let store = try #require(OpenStack.s3Store)
+        let bytes = OpenStack.testBytes(64 << 20, seed: comesBack ? 77 : 78)
+        let id = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "store-s3-outage", inStore: store)["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let proxy = try TestProxy(settings: ["rate": 4 << 20])  // about 16 s of download
+        defer { proxy.stop() }
+        // Glance keeps its response open but silent when S3 dies under it: read_timeout ends the wait.
+        let agent = try AgentProcess(["glance": ["api_servers": proxy.url, "num_retries": "6", "read_timeout": "10"]])
+        try agent.start()
+        defer { agent.stop() }
+        defer { try? gateway("start") }  // whatever happens, the next test has its gateway
+        _ = try agent.request("PUT", "/v1/images/\(id)")
+        for _ in 0..<200 where ((try agent.image(id))?["bytes_done"] as? Int ?? 0) < 4 << 20 { try await Task.sleep(for: .milliseconds(50)) }
+        let stopped = Date()
+        try gateway("kill")
+        if comesBack {
+            try await Task.sleep(for: .seconds(3))
+            try gateway("start")
+        }
+        let img = try await agent.waitForImage(id, timeout: 240)
+        let took = Date().timeIntervalSince(stopped)
+        if comesBack {
+            #expect(img["state"] as? String == "ready", "\(img) \(agent.log().suffix(3000))")
+            #expect(FileManager.default.contents(atPath: img["path"] as? String ?? "") == Data(bytes))
+            #expect(agent.log().contains("download interrupted"), "the outage did not reach the download")
+        } else {
+            #expect(img["state"] as? String == "error", "\(img)")
+            #expect((img["error"] as? String ?? "").contains("attempts"), "\(img)")
+            // A silent stream ends after read_timeout (10 s); 6 retries back off 0.5 + 1 + 2 + 4 + 8 + 8 s, plus the
+            // requests themselves (Glance's own S3 client retries a refused connection before it answers).
+            #expect(took < 150, "the fetch failed \(took) s after the gateway stopped")
+            #expect(agent.cacheFiles().filter { $0.hasPrefix(".") }.isEmpty, "\(agent.cacheFiles())")
+        }
+    }
+
     /// `[glance] prefer_stores`: Glance 33 takes `?prefer=` (asked once, with a store that cannot exist and a
     /// Range past the end: no data moves), so downloads carry it; a Glance that ignores the parameter (the proxy
     /// strips it, as an older Glance would ignore it) is asked once and then sent nothing.

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Boot disks from every store of a multi-store Glance (file1, ceph1, s3rgw on the cluster's RADOS Gateway, web:
+# http), on the real fixtures, in one run:
+#   - first instance (nothing cached, no base) and second instance of a raw image in each store;
+#   - for the raw image in the s3 store: copy-to-store (Glance copies it into ceph1, the disk clones the copy)
+#     against the base path (download, stream into a base, clone), and against Nova's path for a raw image that
+#     is not in its rbd store (download to a file, rbd import).
+# Medians of N runs (default 5) after one uncounted warm-up round. The image is a mixed raw file of SIZE MiB
+# (default 256) cut from bench/make-corpus.sh's corpus. Starts the fixtures if they are not running.
+# Usage: bench/stores.sh [runs] [size MiB]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-5}
+mib=${2:-256}
+dir=/tmp/imgconv-bench
+bash bench/make-corpus.sh "$dir" >/dev/null
+cephenv=$(bash scripts/ceph-cluster.sh env)
+envfile=$(bash scripts/openstack-fixture.sh env)
+if ! [ -f "$cephenv" ]; then bash scripts/ceph-cluster.sh start >/dev/null; fi
+if ! grep -q '^GLANCE_S3_STORE=' "$envfile" 2>/dev/null || ! curl -sf -m 5 -o /dev/null "$(. "$envfile"; echo "$GLANCE_URL")/healthcheck"; then
+    bash scripts/openstack-fixture.sh stop >/dev/null
+    IMGCONV_CEPH_ENV=$cephenv bash scripts/openstack-fixture.sh start >/dev/null
+fi
+# shellcheck disable=SC1090
+. "$envfile"
+# shellcheck disable=SC1090
+. "$cephenv"
+swift build -c release --product imgconv >/dev/null
+IMGCONV=$(swift build -c release --show-bin-path)/imgconv
+RBD=(rbd -c "$CEPH_CONF" --id admin --keyring "$CEPH_ADMIN_KEYRING")
+TOK=$(bash scripts/openstack-fixture.sh token)
+work=$dir/stores
+rm -rf "$work"; mkdir -p "$work"
+head -c $((mib << 20)) "$dir/mixed.raw" >"$work/image.raw"
+sha=$(sha512sum "$work/image.raw" | cut -d' ' -f1)
+
+glance() { curl -sf -H "X-Auth-Token: $TOK" "$@"; }
+created=()
+upload() {  # store -> image id (the web store: the file is served by the fixture's web server, registered by URL)
+    local id
+    id=$(glance -X POST "$GLANCE_URL/v2/images" -H 'Content-Type: application/json' \
+        -d '{"name":"bench-stores","disk_format":"raw","container_format":"bare"}' | python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')
+    created+=("$id")
+    if [ "$1" = "$GLANCE_WEB_STORE" ]; then
+        cp "$work/image.raw" "$GLANCE_WEB_DIR/$id.img"
+        glance -X POST "$GLANCE_URL/v2/images/$id/locations" -H 'Content-Type: application/json' \
+            -d "{\"url\":\"$GLANCE_WEB_URL/$id.img\",\"validation_data\":{\"os_hash_algo\":\"sha512\",\"os_hash_value\":\"$sha\"}}" >/dev/null
+        for _ in $(seq 300); do
+            [ "$(glance "$GLANCE_URL/v2/images/$id" | python3 -c 'import json,sys;print(json.load(sys.stdin)["status"])')" = active ] && break
+            sleep 0.1
+        done
+    else
+        glance -X PUT "$GLANCE_URL/v2/images/$id/file" -H 'Content-Type: application/octet-stream' \
+            -H "X-Image-Meta-Store: $1" -T "$work/image.raw" >/dev/null
+    fi
+    echo "$id"
+}
+
+agent_conf() {  # name [extra [glance] lines]
+    cat >"$work/$1.conf" <<EOF
+[agent]
+socket_path = $work/$1.sock
+state_dir = $work/$1-state
+[glance]
+auth_url = $KEYSTONE_URL
+username = admin
+password = secret
+project_name = admin
+$2
+[cache]
+directory = $work/$1-cache
+max_size = 8G
+[rbd]
+ceph_conf = $CEPH_CONF
+user = $CEPH_USER
+keyring = $CEPH_USER_KEYRING
+[disks]
+gc_interval = 0
+EOF
+}
+agent_conf plain ""
+agent_conf copy "copy_to_store = $GLANCE_RBD_STORE"
+pids=()
+for a in plain copy; do
+    "$IMGCONV" agent --config "$work/$a.conf" --log-level warning 2>"$work/$a.log" &
+    pids+=($!)
+done
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    for d in $("${RBD[@]}" ls vms | grep -E '_disk$|^bench-nova-' || true); do "${RBD[@]}" rm --no-progress "vms/$d" >/dev/null 2>&1 || true; done
+    for d in $("${RBD[@]}" ls vms | grep '^imgconv-base-' || true); do
+        "${RBD[@]}" snap unprotect "vms/$d@imgconv" >/dev/null 2>&1 || true
+        "${RBD[@]}" snap purge --no-progress "vms/$d" >/dev/null 2>&1 || true
+        "${RBD[@]}" rm --no-progress "vms/$d" >/dev/null 2>&1 || true
+    done
+    for id in "${created[@]}"; do glance -X DELETE "$GLANCE_URL/v2/images/$id" >/dev/null 2>&1 || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+for a in plain copy; do for _ in $(seq 100); do [ -S "$work/$a.sock" ] && break; sleep 0.1; done; done
+create() {  # agent image -> "seconds disk method"
+    local inst t0 out
+    inst=$(cat /proc/sys/kernel/random/uuid)
+    t0=$(date +%s.%N)
+    out=$(curl -sf -m 3600 --unix-socket "$work/$1.sock" -X POST -H 'Content-Type: application/json' \
+        -d "{\"instance_uuid\":\"$inst\",\"image_id\":\"$2\"}" http://a/v1/disks)
+    echo "$(echo "$(date +%s.%N) - $t0" | bc) ${inst}_disk $(echo "$out" | python3 -c 'import json,sys;print(json.load(sys.stdin)["method"])')"
+}
+remove() { curl -sf --unix-socket "$work/$1.sock" -X DELETE "http://a/v1/disks/$2" >/dev/null; }
+gc() { curl -sf --unix-socket "$work/$1.sock" -X POST "http://a/v1/bases/gc?idle=0&image=$2" >/dev/null; }
+settle() { sync; sleep 2; }
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+declare -A first second
+stores=(file1 "$GLANCE_RBD_STORE" "$GLANCE_S3_STORE" "$GLANCE_WEB_STORE")
+declare -A ids
+for s in "${stores[@]}"; do ids[$s]=$(upload "$s"); done
+copy=() base=() nova=()
+for i in $(seq 0 "$runs"); do
+    for s in "${stores[@]}"; do
+        id=${ids[$s]}
+        settle
+        read -r t1 d1 m1 < <(create plain "$id")
+        read -r t2 d2 m2 < <(create plain "$id")
+        want=base-built; [ "$s" = "$GLANCE_RBD_STORE" ] && want=glance-clone
+        [ "$m1" = "$want" ] || { echo "$s: expected $want, got $m1" >&2; exit 1; }
+        if [ "$i" -gt 0 ]; then first[$s]+="$t1 "; second[$s]+="$t2 "; fi
+        remove plain "$d1"; remove plain "$d2"; gc plain "$id"
+        curl -sf --unix-socket "$work/plain.sock" -X DELETE "http://a/v1/images/$id" >/dev/null 2>&1 || true
+    done
+    # A raw image in the s3 store: copy-to-store (a new image each run: the copy stays in ceph1) ...
+    cid=$(upload "$GLANCE_S3_STORE")
+    settle
+    read -r t d m < <(create copy "$cid")
+    [ "$m" = copy-to-store ] || { echo "expected copy-to-store, got $m" >&2; exit 1; }
+    [ "$i" -gt 0 ] && copy+=("$t")
+    remove copy "$d"
+    # ... against the base path on the same kind of image, and Nova's download + rbd import.
+    bid=$(upload "$GLANCE_S3_STORE")
+    settle
+    read -r t d m < <(create plain "$bid")
+    [ "$i" -gt 0 ] && base+=("$t")
+    remove plain "$d"; gc plain "$bid"
+    settle
+    t0=$(date +%s.%N)
+    glance "$GLANCE_URL/v2/images/$bid/file" -o "$work/nova.raw"
+    "${RBD[@]}" import --no-progress --image-format 2 "$work/nova.raw" "vms/bench-nova-$i" >/dev/null
+    [ "$i" -gt 0 ] && nova+=("$(echo "$(date +%s.%N) - $t0" | bc)")
+    rm -f "$work/nova.raw"; "${RBD[@]}" rm --no-progress "vms/bench-nova-$i" >/dev/null
+    for x in "$cid" "$bid"; do glance -X DELETE "$GLANCE_URL/v2/images/$x" >/dev/null 2>&1 || true; done
+done
+m() { printf '%s\n' $@ | median; }
+echo "image: raw, $mib MiB (mixed data and zeros); medians of $runs"
+echo "| store | first instance (s) | method | second instance (s) |"
+echo "|---|---|---|---|"
+for s in "${stores[@]}"; do
+    want=base-built; [ "$s" = "$GLANCE_RBD_STORE" ] && want=glance-clone
+    echo "| $s | $(m ${first[$s]}) | $want | $(m ${second[$s]}) |"
+done
+c=$(m "${copy[@]}") b=$(m "${base[@]}") n=$(m "${nova[@]}")
+echo
+echo "| raw image in $GLANCE_S3_STORE, first instance | seconds | base / this | Nova / this |"
+echo "|---|---|---|---|"
+printf '| copy-to-store (Glance copies into %s, the disk clones the copy) | %s | %.2fx | %.2fx |\n' "$GLANCE_RBD_STORE" "$c" "$(echo "$b / $c" | bc -l)" "$(echo "$n / $c" | bc -l)"
+printf '| base path (download, stream into a base, clone) | %s | 1.00x | %.2fx |\n' "$b" "$(echo "$n / $b" | bc -l)"
+printf '| Nova: download to a file, rbd import | %s | | 1.00x |\n' "$n"
+echo "all runs: copy ${copy[*]}; base ${base[*]}; nova ${nova[*]}"
