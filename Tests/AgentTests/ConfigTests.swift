@@ -110,6 +110,14 @@ struct ConfigTests {
         #expect(message("[glance]\nauth_url = http://k:5000\n").contains("username is required"))
         #expect(message("[glance]\nauth_type = token\n").contains("auth_type"))
         #expect(message("stray = 1").contains("outside any section"))
+        // The multi-store keys: store names are names, durations are bounded.
+        #expect(message(minimal + "\nprefer_stores = ceph1,../x").contains("[glance] prefer_stores: '../x' is not a name"))
+        #expect(message(minimal + "\ncopy_to_store = ceph 1").contains("[glance] copy_to_store"))
+        #expect(message(minimal + "\ncopy_timeout = 0").contains("[glance] copy_timeout: '0' is out of range"))
+        #expect(message(minimal + "\nread_timeout = 1e300").contains("[glance] read_timeout"))
+        let ok = try? AgentConfig.parse(minimal + "\nprefer_stores = ceph1, file1\ncopy_to_store = ceph1\ncopy_timeout = 5m\nread_timeout = 30")
+        #expect(ok?.glance.preferStores == ["ceph1", "file1"] && ok?.glance.copyToStore == "ceph1")
+        #expect(ok?.glance.copyTimeout == 300 && ok?.glance.readTimeout == 30)
     }
 
     @Test func sizesAndDurations() throws {
