@@ -15,21 +15,8 @@ runs=${1:-5}
 dir=/tmp/imgconv-bench
 bash bench/make-corpus.sh "$dir" >/dev/null
 src=${2:-$dir/mixed-zlib.qcow2}
-cephenv=$(bash scripts/ceph-cluster.sh env)
-envfile=$(bash scripts/openstack-fixture.sh env)
-if ! [ -f "$cephenv" ]; then bash scripts/ceph-cluster.sh start >/dev/null; fi
-if ! grep -q '^GLANCE_RBD_STORE=' "$envfile" 2>/dev/null || ! curl -sf -m 5 -o /dev/null "$(. "$envfile"; echo "$GLANCE_URL")/healthcheck"; then
-    bash scripts/openstack-fixture.sh stop >/dev/null
-    IMGCONV_CEPH_ENV=$cephenv bash scripts/openstack-fixture.sh start >/dev/null
-fi
-# shellcheck disable=SC1090
-. "$envfile"
-# shellcheck disable=SC1090
-. "$cephenv"
-swift build -c release --product imgconv >/dev/null
-IMGCONV=$(swift build -c release --show-bin-path)/imgconv
-RBD=(rbd -c "$CEPH_CONF" --id admin --keyring "$CEPH_ADMIN_KEYRING")
-TOK=$(bash scripts/openstack-fixture.sh token)
+. bench/fixtures.sh
+bench_fixtures GLANCE_RBD_STORE
 
 upload() {  # file disk_format [store] -> image id
     local id
@@ -69,12 +56,7 @@ EOF
 agent=$!
 cleanup() {
     kill $agent 2>/dev/null; wait $agent 2>/dev/null
-    for d in $("${RBD[@]}" ls vms | grep -E '_disk$|^bench-nova-' || true); do "${RBD[@]}" rm --no-progress "vms/$d" >/dev/null 2>&1 || true; done
-    for d in $("${RBD[@]}" ls vms | grep '^imgconv-base-' || true); do
-        "${RBD[@]}" snap unprotect "vms/$d@imgconv" >/dev/null 2>&1 || true
-        "${RBD[@]}" snap purge --no-progress "vms/$d" >/dev/null 2>&1 || true
-        "${RBD[@]}" rm --no-progress "vms/$d" >/dev/null 2>&1 || true
-    done
+    bench_remove_disks
     curl -s -X DELETE -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$qid" >/dev/null
     curl -s -X DELETE -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$rid" >/dev/null
     rm -rf "$work"

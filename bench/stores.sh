@@ -14,21 +14,8 @@ runs=${1:-5}
 mib=${2:-256}
 dir=/tmp/imgconv-bench
 bash bench/make-corpus.sh "$dir" >/dev/null
-cephenv=$(bash scripts/ceph-cluster.sh env)
-envfile=$(bash scripts/openstack-fixture.sh env)
-if ! [ -f "$cephenv" ]; then bash scripts/ceph-cluster.sh start >/dev/null; fi
-if ! grep -q '^GLANCE_S3_STORE=' "$envfile" 2>/dev/null || ! curl -sf -m 5 -o /dev/null "$(. "$envfile"; echo "$GLANCE_URL")/healthcheck"; then
-    bash scripts/openstack-fixture.sh stop >/dev/null
-    IMGCONV_CEPH_ENV=$cephenv bash scripts/openstack-fixture.sh start >/dev/null
-fi
-# shellcheck disable=SC1090
-. "$envfile"
-# shellcheck disable=SC1090
-. "$cephenv"
-swift build -c release --product imgconv >/dev/null
-IMGCONV=$(swift build -c release --show-bin-path)/imgconv
-RBD=(rbd -c "$CEPH_CONF" --id admin --keyring "$CEPH_ADMIN_KEYRING")
-TOK=$(bash scripts/openstack-fixture.sh token)
+. bench/fixtures.sh
+bench_fixtures GLANCE_S3_STORE
 work=$dir/stores
 rm -rf "$work"; mkdir -p "$work"
 head -c $((mib << 20)) "$dir/mixed.raw" >"$work/image.raw"
@@ -87,12 +74,7 @@ for a in plain copy; do
 done
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-    for d in $("${RBD[@]}" ls vms | grep -E '_disk$|^bench-nova-' || true); do "${RBD[@]}" rm --no-progress "vms/$d" >/dev/null 2>&1 || true; done
-    for d in $("${RBD[@]}" ls vms | grep '^imgconv-base-' || true); do
-        "${RBD[@]}" snap unprotect "vms/$d@imgconv" >/dev/null 2>&1 || true
-        "${RBD[@]}" snap purge --no-progress "vms/$d" >/dev/null 2>&1 || true
-        "${RBD[@]}" rm --no-progress "vms/$d" >/dev/null 2>&1 || true
-    done
+    bench_remove_disks
     for id in "${created[@]}"; do glance -X DELETE "$GLANCE_URL/v2/images/$id" >/dev/null 2>&1 || true; done
     rm -rf "$work"
 }
