@@ -378,7 +378,7 @@ public actor ImageCache {
     // MARK: space
 
     /// Reserves `bytes` for an image's fetch, evicting least recently used images if needed. The victims leave
-    /// the index at once; their files are unlinked on the executor.
+    /// the index at once; their files are unlinked on the executor, and this returns once they are gone.
     func makeRoom(for id: String, bytes: UInt64) async throws {
         let others = reserved.filter { $0.key != id }.values.reduce(0, +)
         let directory = config.directory
@@ -396,6 +396,8 @@ public actor ImageCache {
             logger.notice("evicted", metadata: ["image": "\(victim.id)", "bytes": "\(victim.diskBytes)"])
         }
         reserved[id] = bytes
+        // The room is real only once the victims' blocks are freed (min_free reads the file system).
+        for victim in plan.victims { await removals[victim.id]?.value }
     }
 
     /// Drops the row now and unlinks the file on the executor (unlinking a large file takes time).
@@ -471,6 +473,9 @@ public actor ImageCache {
                 current.path = nil
                 current.diskBytes = 0
                 catalog.save(current)
+                // The caller (an operator, a test, the periodic scrub) is told the image is corrupt only once its
+                // file is gone, as evict does.
+                await removals[row.id]?.value
                 metrics.errors["scrub", default: 0] += 1
                 logger.error("scrub found a corrupt image", metadata: ["image": "\(row.id)", "detail": "\(outcome.detail)"])
             } else if outcome.ok == true {
