@@ -4,7 +4,8 @@
 #   - first instance (nothing cached, no base) and second instance of a raw image in each store;
 #   - for the raw image in the s3 store: copy-to-store (Glance copies it into ceph1, the disk clones the copy)
 #     against the base path (download, stream into a base, clone), and against Nova's path for a raw image that
-#     is not in its rbd store (download to a file, rbd import).
+#     is not in its rbd store (download to a file, rbd import), each on a fresh upload, in an order that rotates
+#     every run.
 # Medians of N runs (default 5) after one uncounted warm-up round. The image is a mixed raw file of SIZE MiB
 # (default 256) cut from bench/make-corpus.sh's corpus. Starts the fixtures if they are not running.
 # Usage: bench/stores.sh [runs] [size MiB]
@@ -109,26 +110,33 @@ for i in $(seq 0 "$runs"); do
         remove plain "$d1"; remove plain "$d2"; gc plain "$id"
         curl -sf --unix-socket "$work/plain.sock" -X DELETE "http://a/v1/images/$id" >/dev/null 2>&1 || true
     done
-    # A raw image in the s3 store: copy-to-store (a new image each run: the copy stays in ceph1) ...
-    cid=$(upload "$GLANCE_S3_STORE")
-    settle
-    read -r t d m < <(create copy "$cid")
-    [ "$m" = copy-to-store ] || { echo "expected copy-to-store, got $m" >&2; exit 1; }
-    [ "$i" -gt 0 ] && copy+=("$t")
-    remove copy "$d"
-    # ... against the base path on the same kind of image, and Nova's download + rbd import.
-    bid=$(upload "$GLANCE_S3_STORE")
-    settle
-    read -r t d m < <(create plain "$bid")
-    [ "$i" -gt 0 ] && base+=("$t")
-    remove plain "$d"; gc plain "$bid"
-    settle
-    t0=$(date +%s.%N)
-    glance "$GLANCE_URL/v2/images/$bid/file" -o "$work/nova.raw"
-    "${RBD[@]}" import --no-progress --image-format 2 "$work/nova.raw" "vms/bench-nova-$i" >/dev/null
-    [ "$i" -gt 0 ] && nova+=("$(echo "$(date +%s.%N) - $t0" | bc)")
-    rm -f "$work/nova.raw"; "${RBD[@]}" rm --no-progress "vms/bench-nova-$i" >/dev/null
-    for x in "$cid" "$bid"; do glance -X DELETE "$GLANCE_URL/v2/images/$x" >/dev/null 2>&1 || true; done
+    # A raw image in the s3 store, three fresh uploads (nothing of them cached anywhere): copy-to-store (Glance
+    # copies it into ceph1, the disk clones the copy), the base path, and Nova's download + rbd import, in an order
+    # that rotates every run so that no path always goes first (or last) on the gateway and the OSD.
+    cid=$(upload "$GLANCE_S3_STORE") bid=$(upload "$GLANCE_S3_STORE") nid=$(upload "$GLANCE_S3_STORE")
+    paths=(copy base nova)
+    for k in 0 1 2; do
+        settle
+        case ${paths[$(( (i + k) % 3 ))]} in
+        copy)
+            read -r t d m < <(create copy "$cid")
+            [ "$m" = copy-to-store ] || { echo "expected copy-to-store, got $m" >&2; exit 1; }
+            [ "$i" -gt 0 ] && copy+=("$t")
+            remove copy "$d" ;;
+        base)
+            read -r t d m < <(create plain "$bid")
+            [ "$m" = base-built ] || { echo "expected base-built, got $m" >&2; exit 1; }
+            [ "$i" -gt 0 ] && base+=("$t")
+            remove plain "$d"; gc plain "$bid" ;;
+        nova)
+            t0=$(date +%s.%N)
+            glance "$GLANCE_URL/v2/images/$nid/file" -o "$work/nova.raw"
+            "${RBD[@]}" import --no-progress --image-format 2 "$work/nova.raw" "vms/bench-nova-$i" >/dev/null
+            [ "$i" -gt 0 ] && nova+=("$(echo "$(date +%s.%N) - $t0" | bc)")
+            rm -f "$work/nova.raw"; "${RBD[@]}" rm --no-progress "vms/bench-nova-$i" >/dev/null ;;
+        esac
+    done
+    for x in "$cid" "$bid" "$nid"; do glance -X DELETE "$GLANCE_URL/v2/images/$x" >/dev/null 2>&1 || true; done
 done
 m() { printf '%s\n' $@ | median; }
 echo "image: raw, $mib MiB (mixed data and zeros); medians of $runs"

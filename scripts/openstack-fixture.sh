@@ -17,18 +17,22 @@
 # Glance's own guides: file1 (file, the default), ceph1 (rbd), s3rgw (s3 on the gateway, path-style bucket
 # `glance`) and web (http, read-only: images registered by URL from a local HTTP server this script runs on
 # WEB_PORT, 13381, serving $IMGCONV_FIXTURE_DIR/state/web). copy-image is an enabled import method (admin-only
-# by Glance's default policy).
+# by Glance's default policy). With Ceph a second Glance API, on GLANCE_PRIVATE_PORT (9293), serves the same
+# database and stores with show_image_direct_url and show_multiple_locations off, as most clouds run Glance: only a
+# user with the service role reads an image's locations there, through GET /v2/images/{id}/locations.
 #
 # After start, $IMGCONV_FIXTURE_DIR/env holds what tests need:
 #   KEYSTONE_URL, GLANCE_URL, OS_* for the admin and the demo user, GLANCE_STORE_DIR (the file store, so a test can
 #   corrupt an image behind Glance's back), GLANCE_ACCESS_LOG (one line per request, to count GET /file);
 #   with Ceph GLANCE_RBD_STORE and GLANCE_RBD_FSID; with the gateway GLANCE_S3_STORE, GLANCE_S3_BUCKET,
-#   GLANCE_WEB_STORE, GLANCE_WEB_DIR (files put there are served at GLANCE_WEB_URL/<name>).
+#   GLANCE_WEB_STORE, GLANCE_WEB_DIR (files put there are served at GLANCE_WEB_URL/<name>); with Ceph
+#   GLANCE_PRIVATE_URL and GLANCE_SERVICE_{USERNAME,PASSWORD,PROJECT_NAME} (Glance's own user: admin and service).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BASE=${IMGCONV_FIXTURE_DIR:-/tmp/imgconv-openstack}
 KS_PORT=${KEYSTONE_PORT:-5050}
 G_PORT=${GLANCE_PORT:-9292}
+GP_PORT=${GLANCE_PRIVATE_PORT:-9293}
 WEB_PORT=${WEB_PORT:-13381}
 PY=${PYTHON:-python3}
 VENV=$BASE/venv ETC=$BASE/etc STATE=$BASE/state LOG=$BASE/log RUN=$BASE/run
@@ -77,7 +81,7 @@ wait_http() {  # url expected-code seconds
 }
 
 start() {
-    if alive "$RUN/glance.pid" || alive "$RUN/keystone.pid" || alive "$RUN/web.pid"; then
+    if alive "$RUN/glance.pid" || alive "$RUN/glance-private.pid" || alive "$RUN/keystone.pid" || alive "$RUN/web.pid"; then
         echo "already running; run '$0 stop' first" >&2
         exit 1
     fi
@@ -282,6 +286,25 @@ EOF
     code=$(curl -m 30 -s -o /dev/null -w '%{http_code}' -H "X-Auth-Token: $(token admin secret admin)" "http://127.0.0.1:$G_PORT/v2/images")
     [ "$code" = 200 ] || { echo "glance answered $code on /v2/images; see $LOG" >&2; tail -20 "$LOG/glance-api.log" >&2; exit 1; }
 
+    # ---- With Ceph: the same Glance (database, stores) behind a second API that hides locations.
+    if [ -n "$CEPH_ENV" ]; then
+        mkdir -p "$ETC/private"
+        sed -e 's/^show_image_direct_url = .*/show_image_direct_url = false/' \
+            -e 's/^show_multiple_locations = .*/show_multiple_locations = false/' \
+            -e "s|^log_file = .*|log_file = $LOG/glance-api-private.log|" "$ETC/glance-api.conf" >"$ETC/private/glance-api.conf"
+        cp "$ETC/glance-api-paste.ini" "$ETC/private/"
+        sed -i "s|^config_file = .*|config_file = $ETC/private/glance-api-paste.ini|" "$ETC/private/glance-api.conf"
+        OS_GLANCE_CONFIG_DIR=$ETC/private "$VENV/bin/gunicorn" --daemon --no-control-socket --bind "127.0.0.1:$GP_PORT" \
+            --workers 1 --threads 4 --timeout 600 --pid "$RUN/glance-private.pid" --access-logfile "$LOG/access-private.log" \
+            --error-logfile "$LOG/glance-private-gunicorn.log" glance.wsgi.api:application
+        wait_http "http://127.0.0.1:$GP_PORT/healthcheck" 200 120
+        ceph_env="$ceph_env
+GLANCE_PRIVATE_URL=http://127.0.0.1:$GP_PORT
+GLANCE_SERVICE_USERNAME=glance
+GLANCE_SERVICE_PASSWORD=glancepw
+GLANCE_SERVICE_PROJECT_NAME=service"
+    fi
+
     cat >"$BASE/env" <<EOF
 KEYSTONE_URL=$K
 GLANCE_URL=http://127.0.0.1:$G_PORT
@@ -301,7 +324,8 @@ EOF
 
 case "${1:-}" in
     start) start ;;
-    stop) stop_one "$RUN/glance.pid" glance; stop_one "$RUN/keystone.pid" keystone; stop_one "$RUN/web.pid" web ;;
+    stop) stop_one "$RUN/glance.pid" glance; stop_one "$RUN/glance-private.pid" glance-private
+          stop_one "$RUN/keystone.pid" keystone; stop_one "$RUN/web.pid" web ;;
     env) echo "$BASE/env" ;;
     token) token admin secret admin ;;
     *) echo "usage: $0 start|stop|env|token" >&2; exit 2 ;;

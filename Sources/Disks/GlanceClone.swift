@@ -18,18 +18,25 @@ struct GlanceClonePlanner: Sendable {
 
     /// Glance's own copy of a raw image in this cluster, when there is one. The image shows its locations when
     /// Glance has `show_image_direct_url` or `show_multiple_locations`; otherwise a user with the service role
-    /// reads them with `GET /v2/images/{id}/locations` (Glance 29+), asked only when the image is in more stores
-    /// than it shows locations for.
-    func location(_ image: GlanceImage, glance: GlanceClient?) async throws -> GlanceRBDLocation? {
-        guard image.diskFormat == "raw" else { return nil }
+    /// reads them with `GET /v2/images/{id}/locations` (Glance 29+), asked only when the image shows fewer
+    /// locations than it has stores (or none). `hidden` says why no location could be read, for the disk's
+    /// `fallback` when the base path is taken instead.
+    func location(_ image: GlanceImage, glance: GlanceClient?) async throws -> (location: GlanceRBDLocation?, hidden: String?) {
+        guard image.diskFormat == "raw" else { return (nil, nil) }
         var candidates = image.locations.compactMap(GlanceRBDLocation.init)
-        if candidates.isEmpty, image.locations.count < image.stores.count, let glance,
-           let listed = try? await glance.locations(image.id) {
-            candidates = listed.compactMap { GlanceRBDLocation($0.url) }
+        var hidden: String?
+        if candidates.isEmpty, image.locations.isEmpty || image.locations.count < image.stores.count, let glance {
+            if let listed = try? await glance.locations(image.id) {
+                candidates = listed.compactMap { GlanceRBDLocation($0.url) }
+            } else {
+                hidden = "Glance shows no locations for the image and GET /v2/images/{id}/locations is refused to this "
+                    + "agent's user (it needs the service role, Glance 29+), so a copy of the image in an rbd store cannot be "
+                    + "cloned: give the user the service role or set Glance's show_image_direct_url"
+            }
         }
-        guard !candidates.isEmpty else { return nil }
+        guard !candidates.isEmpty else { return (nil, hidden) }
         let fsid = try await pool.run { try $0.cluster.fsid() }
-        return candidates.first { $0.fsid.lowercased() == fsid.lowercased() }
+        return (candidates.first { $0.fsid.lowercased() == fsid.lowercased() }, nil)
     }
 
     /// Inspects the snapshot, then clones it into `<pool>/<instance>_disk` grown to the requested size.

@@ -76,14 +76,15 @@ public final class RBDBackend: DiskBackend, Sendable {
         let name = request.diskName
         if try await pool.run(.calls) { try $0.imageExists(name) } { throw DiskError.exists(name) }
 
-        if let location = try await planner.location(image, glance: source.glance) {
+        let planned = try await planner.location(image, glance: source.glance)
+        if let location = planned.location {
             var info = try await planner.clone(location, request: request)
             info.seconds = started.duration(to: .now).seconds
             stats.add(\.glanceClones)
             return info
         }
 
-        var fallback: String?
+        var fallback = planned.hidden
         if image.diskFormat == "raw", let copier, let glance = source.glance {
             switch await copier.copy(image, glance: glance) {
             case let .copied(location):

@@ -84,6 +84,8 @@ final class StoreCopier: Sendable {
                     return .fallback("Glance refused to copy the image to \(store): HTTP \(status) \(detail)")
                 }
             }
+            // Glance's copy of a small image takes a second or two: poll often at first, then every pollInterval.
+            var interval = min(0.2, pollInterval)
             while started.duration(to: .now) < .seconds(timeout) {
                 let now = try await glance.show(image.id)
                 if now.failedImportStores.contains(store) {
@@ -94,7 +96,8 @@ final class StoreCopier: Sendable {
                                                                         "seconds": "\(started.duration(to: .now).seconds)"])
                     return try await location(image.id, glance: glance, shown: now)
                 }
-                try await Task.sleep(for: .seconds(pollInterval))
+                try await Task.sleep(for: .seconds(interval))
+                interval = min(interval * 2, pollInterval)
             }
             return .fallback("Glance's copy of the image to \(store) did not finish within copy_timeout (\(Int(timeout)) s)")
         } catch is CancellationError {

@@ -225,4 +225,100 @@ struct GlanceStoreTests {
         _ = try a.request("DELETE", "/v1/disks/\(disk["name"] as? String ?? "")")
         _ = try a.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
     }
+
+    /// A copy slower than `copy_timeout` (1 s for a 96 MiB image Glance reads from the gateway and writes to
+    /// ceph1): the disk is built from the shared base, its JSON says the copy timed out, and once Glance's copy
+    /// lands, the next instance is a clone of it.
+    @Test func aCopySlowerThanTheTimeoutFallsBackAndTheNextDiskClonesIt() async throws {
+        let rbd = try #require(OpenStack.rbdStore), s3 = try #require(OpenStack.s3Store)
+        let bytes = OpenStack.testBytes(96 << 20, seed: 74)
+        let id = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "copy-slow", inStore: s3)["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let a = try AgentProcess.rbd(["glance": ["copy_to_store": rbd, "copy_timeout": "1"]])
+        defer { a.stop() }
+        let (status, o) = try a.request("POST", "/v1/disks", json: diskBody(UUID().uuidString.lowercased(), id), timeout: 300)
+        let disk = o as? [String: Any] ?? [:]
+        #expect(status == 201, "\(disk) \(a.log().suffix(2000))")
+        #expect(disk["method"] as? String == "base-built", "\(disk)")
+        #expect((disk["fallback"] as? String ?? "").contains("copy_timeout (1 s)"), "\(disk)")
+        #expect(importRequests(id) == 1)
+        #expect(try exported(disk) == Data(bytes))
+
+        // Glance goes on copying; once the image is in ceph1 the next disk is a clone of Glance's copy.
+        var stores: Set<String> = []
+        for _ in 0..<240 {
+            let (_, shown) = try await OpenStack.glance("GET", "/v2/images/\(id)")
+            let image = shown as? [String: Any] ?? [:]
+            stores = Set((image["stores"] as? String ?? "").split(separator: ",").map(String.init))
+            if stores.contains(rbd) && (image["os_glance_importing_to_stores"] as? String ?? "").isEmpty { break }
+            try await Task.sleep(for: .milliseconds(500))
+        }
+        #expect(stores == [s3, rbd])
+        let (status2, o2) = try a.request("POST", "/v1/disks", json: diskBody(UUID().uuidString.lowercased(), id), timeout: 300)
+        let second = o2 as? [String: Any] ?? [:]
+        #expect(status2 == 201, "\(second)")
+        #expect(second["method"] as? String == "glance-clone", "\(second)")
+        #expect(second["parent"] as? String == "images/\(id)@snap", "\(second)")
+        #expect(try exported(second) == Data(bytes))
+        for d in [disk, second] { _ = try a.request("DELETE", "/v1/disks/\(d["name"] as? String ?? "")") }
+        _ = try a.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
+    }
+
+    /// Most clouds hide locations (show_image_direct_url and show_multiple_locations off, the fixture's second
+    /// Glance API). A raw image in ceph1 then shows none; only the service role (and, in Glance 33, still admin)
+    /// reads them, through `GET /v2/images/{id}/locations`. An agent whose user has it clones Glance's snapshot;
+    /// one whose user is a plain member builds the base and says why in the disk's JSON. copy-to-store works
+    /// behind such a Glance too.
+    @Test func hiddenLocationsAreReadWithTheServiceRole() async throws {
+        let rbd = try #require(OpenStack.rbdStore)
+        let glance = try #require(OpenStack.privateGlanceURL), service = try #require(OpenStack.serviceUser)
+        let bytes = OpenStack.testBytes((4 << 20) + 512, seed: 79)
+        let id = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "hidden-locations",
+                                                 properties: ["visibility": "public"], store: rbd)["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+
+        // What each user sees on the API that hides locations.
+        let member = try await OpenStack.token(user: "demo", password: "demopw", project: "demo")
+        let serviceToken = try await OpenStack.token(user: service.name, password: service.password, project: service.project)
+        let (_, shown) = try await OpenStack.get(glance, "/v2/images/\(id)", token: serviceToken)
+        let image = shown as? [String: Any] ?? [:]
+        #expect(image["stores"] as? String == rbd && image["locations"] == nil && image["direct_url"] == nil, "\(image)")
+        #expect(try await OpenStack.get(glance, "/v2/images/\(id)/locations", token: member).0 == 403)
+        let (listed, locations) = try await OpenStack.get(glance, "/v2/images/\(id)/locations", token: serviceToken)
+        #expect(listed == 200 && "\(locations ?? "")".contains("rbd://"), "\(locations ?? "")")
+
+        let asMember = try AgentProcess.rbd(["glance": ["api_servers": glance, "username": "demo", "password": "demopw",
+                                                        "project_name": "demo"]])
+        defer { asMember.stop() }
+        let (s1, o1) = try asMember.request("POST", "/v1/disks", json: diskBody(UUID().uuidString.lowercased(), id), timeout: 300)
+        let based = o1 as? [String: Any] ?? [:]
+        #expect(s1 == 201 && based["method"] as? String == "base-built", "\(based) \(asMember.log().suffix(2000))")
+        #expect((based["fallback"] as? String ?? "").contains("service role"), "\(based)")
+
+        let asService = try AgentProcess.rbd(["glance": ["api_servers": glance, "username": service.name,
+                                                         "password": service.password, "project_name": service.project]])
+        defer { asService.stop() }
+        let (s2, o2) = try asService.request("POST", "/v1/disks", json: diskBody(UUID().uuidString.lowercased(), id), timeout: 300)
+        let cloned = o2 as? [String: Any] ?? [:]
+        #expect(s2 == 201 && cloned["method"] as? String == "glance-clone", "\(cloned) \(asService.log().suffix(2000))")
+        #expect(cloned["parent"] as? String == "images/\(id)@snap", "\(cloned)")
+        for d in [based, cloned] { #expect(try exported(d) == Data(bytes)) }
+
+        // copy-to-store behind the hiding API: the copy's location is read the same way.
+        let other = try await OpenStack.createImage(OpenStack.testBytes((3 << 20) + 512, seed: 80), diskFormat: "raw",
+                                                    name: "hidden-copy", inStore: "file1")["id"] as! String
+        defer { Task { await OpenStack.deleteImage(other) } }
+        let copier = try AgentProcess.rbd(["glance": ["api_servers": glance, "username": service.name, "password": service.password,
+                                                      "project_name": service.project, "copy_to_store": rbd]])
+        defer { copier.stop() }
+        let (s3, o3) = try copier.request("POST", "/v1/disks", json: diskBody(UUID().uuidString.lowercased(), other), timeout: 300)
+        let copied = o3 as? [String: Any] ?? [:]
+        #expect(s3 == 201 && copied["method"] as? String == "copy-to-store", "\(copied) \(copier.log().suffix(2000))")
+        #expect(copied["parent"] as? String == "images/\(other)@snap", "\(copied)")
+
+        _ = try asMember.request("DELETE", "/v1/disks/\(based["name"] as? String ?? "")")
+        _ = try asService.request("DELETE", "/v1/disks/\(cloned["name"] as? String ?? "")")
+        _ = try copier.request("DELETE", "/v1/disks/\(copied["name"] as? String ?? "")")
+        _ = try asMember.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
+    }
 }

@@ -47,6 +47,14 @@ public enum OpenStack {
     /// Glance's s3 store on the cluster's RADOS Gateway, and its read-only http store, if it has them.
     public static var s3Store: String? { env["GLANCE_S3_STORE"] }
     public static var webStore: String? { env["GLANCE_WEB_STORE"] }
+    /// The same Glance behind a second API that hides locations (show_image_direct_url and
+    /// show_multiple_locations off), and the user Glance itself runs as (admin and service roles), if there is one.
+    public static var privateGlanceURL: String? { env["GLANCE_PRIVATE_URL"] }
+    public static var serviceUser: (name: String, password: String, project: String)? {
+        guard let u = env["GLANCE_SERVICE_USERNAME"], let p = env["GLANCE_SERVICE_PASSWORD"],
+              let pr = env["GLANCE_SERVICE_PROJECT_NAME"] else { return nil }
+        return (u, p, pr)
+    }
     /// Every store of this Glance: file1, and with Ceph ceph1, s3rgw and web.
     public static var stores: [String] { ["file1"] + [rbdStore, s3Store, webStore].compactMap { $0 } }
 
@@ -144,6 +152,15 @@ public enum OpenStack {
             tail = Task { _ = try? await task.value }
             return try await task.value
         }
+    }
+
+    /// `GET path` on a Glance API at `base` with a token: the status and the JSON body.
+    public static func get(_ base: String, _ path: String, token: String) async throws -> (Int, Any?) {
+        var req = HTTPClientRequest(url: base + path)
+        req.headers.add(name: "X-Auth-Token", value: token)
+        let r = try await HTTPClient.shared.execute(req, timeout: .seconds(60))
+        let data = try await r.body.collect(upTo: 16 << 20)
+        return (Int(r.status.code), try? JSONSerialization.jsonObject(with: Data(data.readableBytesView)))
     }
 
     static func glanceOnce(_ method: String, _ path: String, json: Any?, body: [UInt8]?,
