@@ -74,6 +74,7 @@ for a in plain copy; do
     pids+=($!)
 done
 cleanup() {
+    [ -f "$work/plain.log" ] && [ -s "$work/plain.log" ] && { echo "plain agent's log:"; tail -5 "$work/plain.log"; } >&2
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
     bench_remove_disks
     for id in "${created[@]}"; do glance -X DELETE "$GLANCE_URL/v2/images/$id" >/dev/null 2>&1 || true; done
@@ -85,7 +86,7 @@ create() {  # agent image -> "seconds disk method"
     local inst t0 out
     inst=$(cat /proc/sys/kernel/random/uuid)
     t0=$(date +%s.%N)
-    out=$(curl -sf -m 3600 --unix-socket "$work/$1.sock" -X POST -H 'Content-Type: application/json' \
+    out=$(curl -sS -f -m 3600 --unix-socket "$work/$1.sock" -X POST -H 'Content-Type: application/json' \
         -d "{\"instance_uuid\":\"$inst\",\"image_id\":\"$2\"}" http://a/v1/disks)
     echo "$(echo "$(date +%s.%N) - $t0" | bc) ${inst}_disk $(echo "$out" | python3 -c 'import json,sys;print(json.load(sys.stdin)["method"])')"
 }
@@ -97,7 +98,7 @@ declare -A first second
 stores=(file1 "$GLANCE_RBD_STORE" "$GLANCE_S3_STORE" "$GLANCE_WEB_STORE")
 declare -A ids
 for s in "${stores[@]}"; do ids[$s]=$(upload "$s"); done
-copy=() base=() nova=()
+copy=() base=() nova=() novav=()
 for i in $(seq 0 "$runs"); do
     for s in "${stores[@]}"; do
         id=${ids[$s]}
@@ -110,14 +111,15 @@ for i in $(seq 0 "$runs"); do
         remove plain "$d1"; remove plain "$d2"; gc plain "$id"
         curl -sf --unix-socket "$work/plain.sock" -X DELETE "http://a/v1/images/$id" >/dev/null 2>&1 || true
     done
-    # A raw image in the s3 store, three fresh uploads (nothing of them cached anywhere): copy-to-store (Glance
-    # copies it into ceph1, the disk clones the copy), the base path, and Nova's download + rbd import, in an order
-    # that rotates every run so that no path always goes first (or last) on the gateway and the OSD.
-    cid=$(upload "$GLANCE_S3_STORE") bid=$(upload "$GLANCE_S3_STORE") nid=$(upload "$GLANCE_S3_STORE")
-    paths=(copy base nova)
-    for k in 0 1 2; do
+    # A raw image in the s3 store, a fresh upload per path (nothing of it cached anywhere): copy-to-store (Glance
+    # copies it into ceph1, the disk clones the copy), the base path, Nova's path as a command line (download,
+    # rbd import) and as nova-compute runs it (glanceclient verifies os_hash_value while it downloads, the file
+    # is fsynced, then rbd import), in an order that rotates every run so that no path always goes first.
+    cid=$(upload "$GLANCE_S3_STORE") bid=$(upload "$GLANCE_S3_STORE") nid=$(upload "$GLANCE_S3_STORE") vid=$(upload "$GLANCE_S3_STORE")
+    paths=(copy base nova novav)
+    for k in 0 1 2 3; do
         settle
-        case ${paths[$(( (i + k) % 3 ))]} in
+        case ${paths[$(( (i + k) % 4 ))]} in
         copy)
             read -r t d m < <(create copy "$cid")
             [ "$m" = copy-to-store ] || { echo "expected copy-to-store, got $m" >&2; exit 1; }
@@ -134,9 +136,18 @@ for i in $(seq 0 "$runs"); do
             "${RBD[@]}" import --no-progress --image-format 2 "$work/nova.raw" "vms/bench-nova-$i" >/dev/null
             [ "$i" -gt 0 ] && nova+=("$(echo "$(date +%s.%N) - $t0" | bc)")
             rm -f "$work/nova.raw"; "${RBD[@]}" rm --no-progress "vms/bench-nova-$i" >/dev/null ;;
+        novav)
+            t0=$(date +%s.%N)
+            got=$(glance "$GLANCE_URL/v2/images/$vid/file" | tee "$work/nova.raw" | sha512sum | cut -d' ' -f1)
+            [ "$got" = "$sha" ] || { echo "Nova path: sha512 mismatch" >&2; exit 1; }
+            sync "$work/nova.raw"
+            "${RBD[@]}" import --no-progress --image-format 2 "$work/nova.raw" "vms/bench-nova-v-$i" >/dev/null
+            [ "$i" -gt 0 ] && novav+=("$(echo "$(date +%s.%N) - $t0" | bc)")
+            rm -f "$work/nova.raw"; "${RBD[@]}" rm --no-progress "vms/bench-nova-v-$i" >/dev/null ;;
         esac
     done
-    for x in "$cid" "$bid" "$nid"; do glance -X DELETE "$GLANCE_URL/v2/images/$x" >/dev/null 2>&1 || true; done
+    for x in "$cid" "$bid" "$nid" "$vid"; do glance -X DELETE "$GLANCE_URL/v2/images/$x" >/dev/null 2>&1 || true; done
+    bash scripts/ceph-cluster.sh rgw-gc >/dev/null 2>&1 || true  # four uploads a run: free them before the OSD fills
 done
 m() { printf '%s\n' $@ | median; }
 echo "image: raw, $mib MiB (mixed data and zeros); medians of $runs"
@@ -146,11 +157,12 @@ for s in "${stores[@]}"; do
     want=base-built; [ "$s" = "$GLANCE_RBD_STORE" ] && want=glance-clone
     echo "| $s | $(m ${first[$s]}) | $want | $(m ${second[$s]}) |"
 done
-c=$(m "${copy[@]}") b=$(m "${base[@]}") n=$(m "${nova[@]}")
+c=$(m "${copy[@]}") b=$(m "${base[@]}") n=$(m "${nova[@]}") v=$(m "${novav[@]}")
 echo
-echo "| raw image in $GLANCE_S3_STORE, first instance | seconds | base / this | Nova / this |"
+echo "| raw image in $GLANCE_S3_STORE, first instance | seconds | this / base | this / copy-to-store |"
 echo "|---|---|---|---|"
-printf '| copy-to-store (Glance copies into %s, the disk clones the copy) | %s | %.2fx | %.2fx |\n' "$GLANCE_RBD_STORE" "$c" "$(echo "$b / $c" | bc -l)" "$(echo "$n / $c" | bc -l)"
-printf '| base path (download, stream into a base, clone) | %s | 1.00x | %.2fx |\n' "$b" "$(echo "$n / $b" | bc -l)"
-printf '| Nova: download to a file, rbd import | %s | | 1.00x |\n' "$n"
-echo "all runs: copy ${copy[*]}; base ${base[*]}; nova ${nova[*]}"
+printf '| copy-to-store (Glance copies into %s, the disk clones the copy) | %s | %.2fx | 1.00x |\n' "$GLANCE_RBD_STORE" "$c" "$(echo "$c / $b" | bc -l)"
+printf '| base path (download, verify, stream into a base, clone) | %s | 1.00x | %.2fx |\n' "$b" "$(echo "$b / $c" | bc -l)"
+printf '| Nova as nova-compute runs it (verified download, fsync, rbd import) | %s | %.2fx | %.2fx |\n' "$v" "$(echo "$v / $b" | bc -l)" "$(echo "$v / $c" | bc -l)"
+printf '| Nova as a command line (curl, rbd import; nothing verified) | %s | %.2fx | %.2fx |\n' "$n" "$(echo "$n / $b" | bc -l)" "$(echo "$n / $c" | bc -l)"
+echo "all runs: copy ${copy[*]}; base ${base[*]}; nova-compute ${novav[*]}; nova-cli ${nova[*]}"

@@ -9,6 +9,8 @@
 #   scripts/ceph-cluster.sh env     print the env file path
 #   scripts/ceph-cluster.sh rgw-stop|rgw-kill|rgw-start   stop (SIGTERM), kill (SIGKILL: a crash) or start the
 #                                   gateway alone (tests cut S3 off in the middle of a download)
+#   scripts/ceph-cluster.sh rgw-gc  free now what deleted S3 objects hold (the gateway frees it lazily: a run of
+#                                   benchmarks that uploads and deletes GiBs would fill the OSD before its GC ran)
 #
 # Settings (environment): IMGCONV_CEPH_DIR (default /tmp/imgconv-ceph), CEPH_PORT (13300: mon msgr2; +1 msgr1),
 # CEPH_PORT_RANGE ("13400 13500": OSD and mgr), CEPH_RGW_PORT (13380: the gateway's HTTP port),
@@ -93,7 +95,7 @@ run_rgw() {
             if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null || true; fi
         done
         exec radosgw -c "$CONF" -n client.rgw.a --rgw-frontends "beast endpoint=$IP:$RGW_PORT" --rgw-data "$DIR/rgw.a" \
-            --rgw-thread-pool-size 32 </dev/null >>"$DIR/log/rgw.stderr" 2>&1
+            --rgw-thread-pool-size 32 --rgw-gc-obj-min-wait 60 --rgw-gc-processor-period 60 </dev/null >>"$DIR/log/rgw.stderr" 2>&1
     )
     local code=000
     for i in $(seq 1 240); do
@@ -262,5 +264,6 @@ case "${1:-}" in
     rgw-start) pid=$(cat "$DIR/run/client.rgw.a.pid" 2>/dev/null || true)
                if [ -n "$pid" ] && ours "$pid"; then exit 0; fi
                CEPH_CONF=$CONF run_rgw ;;
-    *) echo "usage: $0 start|stop|env|rgw-stop|rgw-kill|rgw-start" >&2; exit 2 ;;
+    rgw-gc) radosgw-admin -c "$CONF" --id admin --keyring "$DIR/ceph.client.admin.keyring" gc process --include-all ;;
+    *) echo "usage: $0 start|stop|env|rgw-stop|rgw-kill|rgw-start|rgw-gc" >&2; exit 2 ;;
 esac
