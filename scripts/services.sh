@@ -8,7 +8,7 @@ envfile=$(bash scripts/openstack-fixture.sh env)
 started_ceph="" started_os="" services_pid=""
 ceph_up() { [ -f "$cephenv" ] && timeout 10 ceph -c "$(. "$cephenv"; echo "$CEPH_CONF")" --id admin \
     --keyring "$(. "$cephenv"; echo "$CEPH_ADMIN_KEYRING")" --connect-timeout 5 health >/dev/null 2>&1; }
-glance_up() { [ -f "$envfile" ] && grep -q '^GLANCE_RBD_STORE=' "$envfile" &&
+glance_up() { [ -f "$envfile" ] && grep -q '^GLANCE_PRIVATE_URL=' "$envfile" &&
     curl -sf -m 5 -o /dev/null "$(. "$envfile"; echo "$GLANCE_URL")/healthcheck"; }
 services_stop() {
     [ -n "$started_os" ] && bash scripts/openstack-fixture.sh stop >/dev/null || true

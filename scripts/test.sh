@@ -22,3 +22,5 @@ services_wait
 serial='AgentLoadTests|twoThousandConnectionsFromARefusedUIDDoNotDelayOthers|HostileImageTests|shutdownStopsAForceRawConversion|GlanceStoreTests|StoreCopyTests'
 swift test --skip-build --skip "$serial"
 swift test --skip-build --no-parallel --filter "$serial"
+# The Python client (clients/python) against a real agent, and the agent's answers against api/openapi.yaml.
+bash scripts/python-tests.sh

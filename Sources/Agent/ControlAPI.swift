@@ -29,8 +29,8 @@ public enum ControlAPI {
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: data)))
     }
 
-    static func error(_ status: HTTPResponse.Status, _ message: String) -> Response {
-        json(status, ["error": ["code": Int(status.code), "message": message]])
+    static func error(_ status: HTTPResponse.Status, _ type: HTTPErrors.ErrorType, _ message: String) -> Response {
+        json(status, ["error": ["code": Int(status.code), "type": type.rawValue, "message": message]])
     }
 
     static func encode<T: Encodable>(_ value: T) -> Any {
@@ -167,7 +167,15 @@ public enum ControlAPI {
 
     public static func router(cache: ImageCache, disks: DiskService? = nil, gcIdle: Double = 86400) -> Router<ControlContext> {
         let router = Router(context: ControlContext.self)
+        router.add(middleware: JSONErrors())
         if let disks { diskRoutes(router, disks: disks, idleDefault: gcIdle) }
+
+        // The contract (api/openapi.yaml), as JSON.
+        router.get("/v1/openapi.json") { _, _ in
+            var headers = HTTPFields()
+            headers[.contentType] = "application/json"
+            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: OpenAPIDocument.json)))
+        }
 
         // Answers from memory, never waiting for the cache actor or the executor.
         router.get("/v1/health") { _, _ in
@@ -242,5 +250,13 @@ public enum ControlAPI {
             return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: text)))
         }
         return router
+    }
+}
+
+/// Hummingbird's own errors (no such route, a method the route does not take) in the API's error shape.
+struct JSONErrors: RouterMiddleware {
+    typealias Context = ControlContext
+    func handle(_ request: Request, context: ControlContext, next: (Request, ControlContext) async throws -> Response) async throws -> Response {
+        do { return try await next(request, context) } catch { return HTTPErrors.response(for: error) }
     }
 }

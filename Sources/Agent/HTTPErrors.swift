@@ -28,52 +28,84 @@ enum APIError: Error, CustomStringConvertible {
 }
 
 /// Every error the control API answers with, mapped to HTTP in this one place: a JSON body
-/// `{"error": {"code": N, "message": "..."}}` whose message says what is wrong and what to do.
+/// `{"error": {"code": N, "type": "...", "message": "..."}}` whose `type` is one of `ErrorType` (what a client
+/// branches on; api/openapi.yaml lists them) and whose message says what is wrong and what to do.
 enum HTTPErrors {
-    static func response(for error: Error) -> Response {
-        let (status, message) = status(for: error)
-        return ControlAPI.error(status, message)
+    /// The machine-readable kind of an error; each is one exception class in the Python client.
+    enum ErrorType: String, CaseIterable {
+        case invalidRequest = "invalid_request"
+        case bodyTooLarge = "body_too_large"
+        case forbidden
+        case tooManyConnections = "too_many_connections"
+        case notFound = "not_found"
+        case imageNotCached = "image_not_cached"
+        case imageNotFound = "image_not_found"
+        case diskNotFound = "disk_not_found"
+        case busy
+        case diskExists = "disk_exists"
+        case imageNotActive = "image_not_active"
+        case unsafeImage = "unsafe_image"
+        case unsupportedFormat = "unsupported_format"
+        case noRoom = "no_room"
+        case upstreamError = "upstream_error"
+        case backendUnavailable = "backend_unavailable"
+        case agentStopping = "agent_stopping"
+        case internalError = "internal_error"
     }
 
-    static func status(for error: Error) -> (HTTPResponse.Status, String) {
+    static func response(for error: Error) -> Response {
+        let (status, type, message) = status(for: error)
+        return ControlAPI.error(status, type, message)
+    }
+
+    static func status(for error: Error) -> (HTTPResponse.Status, ErrorType, String) {
         switch error {
         case let e as APIError:
             switch e {
-            case .badRequest: return (.badRequest, e.description)
-            case .bodyTooLarge: return (.contentTooLarge, e.description)
-            case .notFound: return (.notFound, e.description)
+            case .badRequest: return (.badRequest, .invalidRequest, e.description)
+            case .bodyTooLarge: return (.contentTooLarge, .bodyTooLarge, e.description)
+            case .notFound: return (.notFound, .notFound, e.description)
             }
         case is NIOTooManyBytesError:
-            return (.contentTooLarge, "the body is over \(ControlAPI.maxBody) bytes")
+            return (.contentTooLarge, .bodyTooLarge, "the body is over \(ControlAPI.maxBody) bytes")
         case let e as CacheError:
             switch e {
-            case .invalidID: return (.badRequest, e.description)
-            case .notCached, .upstream(.imageNotFound): return (.notFound, e.description)
-            case .unsupportedFormat, .unsafe: return (.unprocessableContent, e.description)
-            case .busy, .upstream(.notActive): return (.conflict, e.description)
-            case .noRoom: return (HTTPResponse.Status(code: 507, reasonPhrase: "Insufficient Storage"), e.description)
-            case .upstream: return (.badGateway, e.description)
-            case .io: return (.internalServerError, e.description)
+            case .invalidID: return (.badRequest, .invalidRequest, e.description)
+            case .notCached: return (.notFound, .imageNotCached, e.description)
+            case .upstream(.imageNotFound): return (.notFound, .imageNotFound, e.description)
+            case .unsupportedFormat: return (.unprocessableContent, .unsupportedFormat, e.description)
+            case .unsafe: return (.unprocessableContent, .unsafeImage, e.description)
+            case .busy: return (.conflict, .busy, e.description)
+            case .upstream(.notActive): return (.conflict, .imageNotActive, e.description)
+            case .noRoom: return (HTTPResponse.Status(code: 507, reasonPhrase: "Insufficient Storage"), .noRoom, e.description)
+            case .upstream: return (.badGateway, .upstreamError, e.description)
+            case .io: return (.internalServerError, .internalError, e.description)
             }
         case let e as DiskError:
             switch e {
-            case .invalidID, .invalidName, .sizeTooSmall, .sizeTooLarge: return (.badRequest, e.description)
-            case .notFound: return (.notFound, e.description)
-            case .exists, .busy, .imageNotActive: return (.conflict, e.description)
-            case .unsafe: return (.unprocessableContent, e.description)
-            case .baseTimeout, .leaseLost, .fenced: return (.serviceUnavailable, e.description)
+            case .invalidID, .invalidName, .sizeTooSmall, .sizeTooLarge: return (.badRequest, .invalidRequest, e.description)
+            case .notFound: return (.notFound, .diskNotFound, e.description)
+            case .exists: return (.conflict, .diskExists, e.description)
+            case .busy: return (.conflict, .busy, e.description)
+            case .imageNotActive: return (.conflict, .imageNotActive, e.description)
+            case .unsafe: return (.unprocessableContent, .unsafeImage, e.description)
+            case .baseTimeout, .leaseLost, .fenced: return (.serviceUnavailable, .backendUnavailable, e.description)
             case .ceph(let c): return status(for: c)
-            case .io: return (.internalServerError, e.description)
+            case .io: return (.internalServerError, .internalError, e.description)
             }
         case let e as CephError:
             // The cluster is unreachable or refused us: the agent is fine, its backend is not.
-            return (e.errno == ETIMEDOUT || e.errno == ENOTCONN ? .gatewayTimeout : .badGateway, e.description)
+            return (e.errno == ETIMEDOUT || e.errno == ENOTCONN ? .gatewayTimeout : .badGateway, .backendUnavailable, e.description)
         case let e as GlanceError:
             return status(for: CacheError.upstream(e))
         case is CancellationError:
-            return (.serviceUnavailable, "the agent is stopping; ask again once it is back")
+            return (.serviceUnavailable, .agentStopping, "the agent is stopping; ask again once it is back")
+        case let e as HTTPError where e.status == .notFound:
+            return (.notFound, .notFound, "no such route; GET /v1/openapi.json lists them")
+        case let e as HTTPError where e.status == .methodNotAllowed:
+            return (.methodNotAllowed, .invalidRequest, "this route does not take that method; GET /v1/openapi.json lists them")
         default:
-            return (.internalServerError, "\(error)")
+            return (.internalServerError, .internalError, "\(error)")
         }
     }
 }

@@ -155,7 +155,9 @@ struct GuardedHTTPChannel: ServerChildChannel {
 
     static func response(status: Int, message: String) -> ByteBuffer {
         let reason = status == 403 ? "Forbidden" : "Service Unavailable"
-        let body = (try? JSONSerialization.data(withJSONObject: ["error": ["code": status, "message": message]], options: [.sortedKeys])) ?? Data()
+        let type = status == 403 ? HTTPErrors.ErrorType.forbidden : .tooManyConnections
+        let body = (try? JSONSerialization.data(withJSONObject: ["error": ["code": status, "type": type.rawValue, "message": message]],
+                                                options: [.sortedKeys])) ?? Data()
         let head = "HTTP/1.1 \(status) \(reason)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\nConnection: close\r\n\r\n"
         var buffer = ByteBuffer(string: head)
         buffer.writeBytes(body)
