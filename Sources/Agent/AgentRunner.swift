@@ -133,6 +133,15 @@ public enum AgentRunner {
                         }
                     }
                 }
+                if config.cache.checkInterval > 0 {
+                    g.addTask {
+                        while !Task.isCancelled {
+                            try? await Task.sleep(for: .seconds(config.cache.checkInterval))
+                            if Task.isCancelled { break }
+                            await cache.checkFilesAndRestorePinned()
+                        }
+                    }
+                }
                 if config.cache.scrubInterval > 0 {
                     g.addTask {
                         while !Task.isCancelled {

@@ -59,6 +59,7 @@ public struct AgentConfig: Sendable {
         public var layout: CacheConfig.Layout = .nova
         public var forceRaw = false
         public var scrubInterval: Double = 0
+        public var checkInterval: Double = 60
     }
     public struct PrefetchSection: Sendable {
         public var images: [String] = []
@@ -235,6 +236,7 @@ public struct AgentConfig: Sendable {
             cache.layout = l
         case ("cache", "force_raw"): cache.forceRaw = try Self.bool(v)
         case ("cache", "scrub_interval"): cache.scrubInterval = try Self.duration(v, zeroOr: 60...(365 * 86400))
+        case ("cache", "check_interval"): cache.checkInterval = try Self.duration(v, zeroOr: 1...86400)
         case ("prefetch", "images"):
             prefetch.images = try Self.list(v).map { id in
                 guard ImageID.isValid(id) else { throw ConfigError("'\(id)' is not an image id (a UUID)") }

@@ -7,6 +7,8 @@ public struct CachedImage: Codable, Sendable, Equatable, FetchableRecord, Persis
 
     public enum State: String, Codable, Sendable {
         case queued, fetching, verifying, converting, ready, error
+        /// It was ready, but its file disappeared (deleted outside the agent): fetched again on its next use.
+        case missing
     }
 
     public var id: String

@@ -115,7 +115,8 @@ public actor ImageCache {
     // MARK: start-up
 
     /// Removes temporary files a killed agent left, forgets rows that never became ready, and drops rows whose
-    /// file is gone or has the wrong size. Files the index does not know are left alone (they may be Nova's).
+    /// file is gone or has the wrong size; a pinned image whose file is gone stays, `missing`, so that it is
+    /// fetched again. Files the index does not know are left alone (they may be Nova's).
     static func reconcile(config: CacheConfig, index: CacheIndex, logger: Logger) throws {
         for name in FileSystem.list(config.directory) where isTemporary(name) {
             unlink(config.directory + "/" + name)
@@ -123,13 +124,22 @@ public actor ImageCache {
         }
         for row in try index.all() {
             let path = config.directory + "/" + config.fileName(for: row.id)
+            if row.state == .missing && row.pinned { continue }
             guard row.state == .ready else {
                 try index.remove(row.id)
                 logger.notice("forgot an image whose fetch was interrupted", metadata: ["image": "\(row.id)", "state": "\(row.state)"])
                 continue
             }
             let size = FileSystem.fileSize(path)
-            if size == nil || (row.storedAsDownloaded && row.size != nil && size != row.size) {
+            if size == nil && row.pinned {
+                var missing = row
+                missing.state = .missing
+                missing.path = nil
+                missing.diskBytes = 0
+                missing.error = "the file disappeared while the agent was stopped; it is fetched again"
+                try index.save(missing)
+                logger.warning("a pinned image's file is missing; it will be fetched again", metadata: ["image": "\(row.id)"])
+            } else if size == nil || (row.storedAsDownloaded && row.size != nil && size != row.size) {
                 try index.remove(row.id)
                 if size != nil { unlink(path) }
                 logger.warning("dropped an index entry whose file is missing or has the wrong size", metadata: ["image": "\(row.id)"])
@@ -170,7 +180,14 @@ public actor ImageCache {
     /// `throttled` fetches (prefetch) honour the configured bandwidth limit; on-demand ones do not.
     public func ensure(_ id: String, throttled: Bool = false) async throws -> EnsureResult {
         try Self.check(id)
-        if let r = current(id) { return r }
+        if let r = current(id) {
+            // A hit is served only while its file is there (a stat, off the actor).
+            guard case let .ready(row) = r, let path = row.path else { return r }
+            let here: Bool? = try? await offload { FileSystem.exists(path) }
+            if here ?? true { return r }
+            await checkFiles([id])
+            if let r = current(id) { return r }
+        }
         let lookup: Task<GlanceImage, Error>
         if let l = lookups[id] {
             lookup = l
@@ -487,6 +504,52 @@ public actor ImageCache {
             out.append((row.id, ok, outcome.detail))
         }
         return out
+    }
+
+    // MARK: files deleted behind the cache's back
+
+    /// Ready images whose file is gone (Nova's image cache manager deletes `_base` files no instance uses once
+    /// they are older than remove_unused_original_minimum_age_seconds; an operator may delete one): each goes to
+    /// `missing`, stops counting against max_size, and is fetched again on its next use. One stat per file, off
+    /// the actor. Returns the ids found missing.
+    @discardableResult
+    public func checkFiles(_ ids: [String]? = nil) async -> [String] {
+        let rows = catalog.all().filter { $0.state == .ready && $0.path != nil && (ids == nil || ids!.contains($0.id)) }
+        guard !rows.isEmpty else { return [] }
+        let paths = rows.map { $0.path! }
+        let looked: [Bool]? = try? await offload { paths.map { FileSystem.exists($0) } }
+        guard let present = looked else { return [] }
+        var gone: [String] = []
+        for (row, here) in zip(rows, present) where !here {
+            // The row may have changed while the files were looked at (evicted, fetched again).
+            guard var now = catalog.get(row.id), now.state == .ready, now.path == row.path, inflight[row.id] == nil else { continue }
+            now.state = .missing
+            now.error = "the file \(row.path!) disappeared (deleted outside the agent, e.g. by Nova's image cache manager); "
+                + "it is fetched again on its next use"
+            now.path = nil
+            now.diskBytes = 0
+            catalog.save(now)
+            metrics.errors["missing", default: 0] += 1
+            logger.warning("a cached file disappeared", metadata: ["image": "\(row.id)", "path": "\(row.path!)", "pinned": "\(row.pinned)"])
+            gone.append(row.id)
+        }
+        return gone
+    }
+
+    /// The agent's periodic check: `checkFiles`, then pinned images that are missing are fetched again at once
+    /// (throttled, as prefetch is); prefetched ones come back on the next prefetch pass. Returns the ids found
+    /// missing by this check.
+    @discardableResult
+    public func checkFilesAndRestorePinned() async -> [String] {
+        let gone = await checkFiles()
+        for row in catalog.all() where row.state == .missing && row.pinned && inflight[row.id] == nil {
+            do {
+                _ = try await ensure(row.id, throttled: true)
+            } catch {
+                logger.error("cannot fetch a pinned image again", metadata: ["image": "\(row.id)", "error": "\(error)"])
+            }
+        }
+        return gone
     }
 
     /// Cancels running fetches and scrubs and waits for them (their temporary files are removed on the way out),

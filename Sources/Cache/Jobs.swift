@@ -56,7 +56,7 @@ extension Job.State {
         case .verifying: self = .verifying
         case .converting: self = .converting
         case .ready: self = .ready
-        case .error: self = .error
+        case .error, .missing: self = .error
         }
     }
 }

@@ -184,6 +184,59 @@ struct ImageCacheTests {
         #expect(try await cache.image(id)?.state == .error)
     }
 
+    /// Nova's image cache manager (or an operator) deletes a cached file: the next use notices it and fetches
+    /// again; the periodic check marks every such image `missing` (out of the size accounting) and fetches the
+    /// pinned ones again at once; a pinned image whose file went while the agent was stopped stays known.
+    @Test func filesDeletedBehindTheCachesBackAreNoticedAndFetchedAgain() async throws {
+        let dir = try temporaryDirectory("missing")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = FakeSource()
+        let pinned = source.add(pseudoRandom(300_000, seed: 21)), plain = source.add(pseudoRandom(200_000, seed: 22))
+        let used = source.add(pseudoRandom(100_000, seed: 23))
+        do {
+            let cache = try makeCache(dir, source: source)
+            var paths: [String: String] = [:]
+            for id in [pinned, plain, used] { paths[id] = try await cache.fetch(id).path! }
+            _ = try await cache.setPinned(pinned, true)
+            #expect(source.downloads.load(ordering: .relaxed) == 3)
+
+            // On use: a hit whose file is gone is fetched again, not served.
+            try FileManager.default.removeItem(atPath: paths[used]!)
+            let again = try await cache.fetch(used)
+            #expect(again.state == .ready && FileManager.default.fileExists(atPath: again.path!))
+            #expect(source.downloads.load(ordering: .relaxed) == 4)
+
+            // The periodic check.
+            for id in [pinned, plain] { try FileManager.default.removeItem(atPath: paths[id]!) }
+            let before = cache.usedBytes()
+            let gone = await cache.checkFilesAndRestorePinned()
+            #expect(Set(gone) == [pinned, plain])
+            let missing = try #require(try await cache.image(plain))
+            #expect(missing.state == .missing && missing.path == nil && missing.diskBytes == 0, "\(missing)")
+            #expect((missing.error ?? "").contains("disappeared"))
+            #expect(cache.usedBytes() < before)
+            let restored = try await cache.fetch(pinned)   // joins the fetch the check started
+            #expect(restored.pinned && FileManager.default.contents(atPath: restored.path!) != nil)
+            #expect(source.downloads.load(ordering: .relaxed) == 5)
+            #expect(await cache.checkFiles().isEmpty)
+            // The unpinned one comes back when asked for (prefetch asks every pass).
+            #expect(try await cache.fetch(plain).state == .ready)
+            #expect(source.downloads.load(ordering: .relaxed) == 6)
+            await cache.shutdown()
+        }
+        // Stopped, and both files deleted: the pinned image stays (missing, to fetch again), the other is dropped.
+        for name in try FileManager.default.contentsOfDirectory(atPath: dir) where name.count == 40 {
+            try FileManager.default.removeItem(atPath: dir + "/" + name)
+        }
+        let cache = try makeCache(dir, source: source)
+        #expect(try await cache.image(pinned)?.state == .missing)
+        #expect(try await cache.image(pinned)?.pinned == true)
+        #expect(try await cache.image(plain) == nil)
+        _ = await cache.checkFilesAndRestorePinned()
+        #expect(try await cache.fetch(pinned).state == .ready)
+        await cache.shutdown()
+    }
+
     @Test func malformedIDsNeverReachAPath() async throws {
         let dir = try temporaryDirectory("ids")
         defer { try? FileManager.default.removeItem(atPath: dir) }
