@@ -24,3 +24,5 @@ swift test --skip-build --skip "$serial"
 swift test --skip-build --no-parallel --filter "$serial"
 # The Python client (clients/python) against a real agent, and the agent's answers against api/openapi.yaml.
 bash scripts/python-tests.sh
+# Nova 34.0.0's own code with the imgconv patch: its unit tests, and its root-disk path against the agent.
+bash scripts/nova-tests.sh
