@@ -1,7 +1,9 @@
 """Exceptions of the imgconv client: one class per error type the control API documents.
 
-The agent answers every error as ``{"error": {"code": N, "type": "...", "message": "..."}}``; the client raises
-the class ``BY_TYPE[type]``. The classes form a small hierarchy so that a caller can catch a family
+The agent answers every error as ``{"error": {"code": N, "type": "...",
+"message": "..."}}``; the client raises
+the class ``BY_TYPE[type]``. The classes form a small hierarchy so that a
+caller can catch a family
 (``NotFound``, ``Conflict``) or one case (``DiskNotFound``, ``Busy``).
 """
 
@@ -9,7 +11,8 @@ the class ``BY_TYPE[type]``. The classes form a small hierarchy so that a caller
 class ImgconvError(Exception):
     """Base class of every error the client raises."""
 
-    #: The API's error type (``components/schemas/ErrorType``), or None for client-side errors.
+    # : The API's error type (``components/schemas/ErrorType``), or None for
+    # client-side errors.
     type = None
 
     def __init__(self, message, code=None):
@@ -130,7 +133,23 @@ class InternalError(ImgconvError):
 
 
 #: The API's error type -> the class the client raises.
-BY_TYPE = {cls.type: cls for cls in (
-    InvalidRequest, BodyTooLarge, Forbidden, TooManyConnections, NotFound, ImageNotCached, ImageNotFound,
-    DiskNotFound, Busy, DiskExists, ImageNotActive, UnsafeImage, UnsupportedFormat, NoRoom, UpstreamError,
-    BackendUnavailable, AgentStopping, InternalError)}
+BY_TYPE = {
+    cls.type: cls for cls in (
+        InvalidRequest,
+        BodyTooLarge,
+        Forbidden,
+        TooManyConnections,
+        NotFound,
+        ImageNotCached,
+        ImageNotFound,
+        DiskNotFound,
+        Busy,
+        DiskExists,
+        ImageNotActive,
+        UnsafeImage,
+        UnsupportedFormat,
+        NoRoom,
+        UpstreamError,
+        BackendUnavailable,
+        AgentStopping,
+        InternalError)}

@@ -1,9 +1,13 @@
 """The real parts the client's tests use: the imgconv binary, the Keystone + Glance fixture and the Ceph test
-cluster that scripts/test.sh starts (scripts/openstack-fixture.sh, scripts/ceph-cluster.sh).
+cluster that scripts/test.sh starts (scripts/openstack-fixture.sh,
+scripts/ceph-cluster.sh).
 
-IMGCONV_BINARY: the agent (default .build/debug/imgconv); IMGCONV_FIXTURE_DIR: the Glance fixture
-(/tmp/imgconv-openstack); IMGCONV_CEPH_ENV: the cluster's env file (/tmp/imgconv-ceph/env).
-IMGCONV_REQUIRE_OPENSTACK=1 / IMGCONV_REQUIRE_CEPH=1 make a missing service an error, not a skip.
+IMGCONV_BINARY: the agent (default .build/debug/imgconv); IMGCONV_FIXTURE_DIR:
+the Glance fixture
+(/tmp/imgconv-openstack); IMGCONV_CEPH_ENV: the cluster's env file
+(/tmp/imgconv-ceph/env).
+IMGCONV_REQUIRE_OPENSTACK=1 / IMGCONV_REQUIRE_CEPH=1 make a missing service an
+error, not a skip.
 """
 
 import json
@@ -18,7 +22,11 @@ import urllib.error
 import urllib.request
 import uuid
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = os.path.dirname(
+    os.path.dirname(
+        os.path.dirname(
+            os.path.dirname(
+                os.path.abspath(__file__)))))
 
 
 def read_env(path):
@@ -42,24 +50,45 @@ def _answers(url):
         return False
 
 
-OPENSTACK = read_env(os.path.join(os.environ.get('IMGCONV_FIXTURE_DIR', '/tmp/imgconv-openstack'), 'env'))
-if OPENSTACK.get('GLANCE_URL') and not _answers(OPENSTACK['GLANCE_URL'] + '/healthcheck'):
+OPENSTACK = read_env(
+    os.path.join(
+        os.environ.get(
+            'IMGCONV_FIXTURE_DIR',
+            '/tmp/imgconv-openstack'),
+        'env'))
+if OPENSTACK.get('GLANCE_URL') and not _answers(
+        OPENSTACK['GLANCE_URL'] + '/healthcheck'):
     OPENSTACK = {}
 if not OPENSTACK and os.environ.get('IMGCONV_REQUIRE_OPENSTACK') == '1':
-    raise RuntimeError('IMGCONV_REQUIRE_OPENSTACK=1 but Glance is not answering: run scripts/openstack-fixture.sh start')
+    raise RuntimeError(
+        'IMGCONV_REQUIRE_OPENSTACK=1 but Glance is not answering: run scripts/openstack-fixture.sh start')
 
 CEPH = read_env(os.environ.get('IMGCONV_CEPH_ENV', '/tmp/imgconv-ceph/env'))
-if CEPH and subprocess.call(['ceph', '-c', CEPH['CEPH_CONF'], '--id', 'admin', '--keyring', CEPH['CEPH_ADMIN_KEYRING'],
-                             '--connect-timeout', '5', 'health'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) != 0:
+if CEPH and subprocess.call(['ceph',
+                             '-c',
+                             CEPH['CEPH_CONF'],
+                             '--id',
+                             'admin',
+                             '--keyring',
+                             CEPH['CEPH_ADMIN_KEYRING'],
+                             '--connect-timeout',
+                             '5',
+                             'health'],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL) != 0:
     CEPH = {}
 if not CEPH and os.environ.get('IMGCONV_REQUIRE_CEPH') == '1':
-    raise RuntimeError('IMGCONV_REQUIRE_CEPH=1 but the Ceph test cluster is not answering: run scripts/ceph-cluster.sh start')
+    raise RuntimeError(
+        'IMGCONV_REQUIRE_CEPH=1 but the Ceph test cluster is not answering: run scripts/ceph-cluster.sh start')
 
 
 def binary():
-    path = os.environ.get('IMGCONV_BINARY') or os.path.join(REPO, '.build', 'debug', 'imgconv')
+    path = os.environ.get('IMGCONV_BINARY') or os.path.join(
+        REPO, '.build', 'debug', 'imgconv')
     if not os.access(path, os.X_OK):
-        raise RuntimeError('%s is not built: swift build (or set IMGCONV_BINARY)' % path)
+        raise RuntimeError(
+            '%s is not built: swift build (or set IMGCONV_BINARY)' %
+            path)
     return path
 
 
@@ -72,11 +101,23 @@ def token(user='admin', password='secret', project='admin'):
     key = (user, project)
     if key in _token and time.time() - _token[key][1] < 1800:
         return _token[key][0]
-    body = {'auth': {'identity': {'methods': ['password'], 'password': {'user': {
-        'name': user, 'domain': {'id': 'default'}, 'password': password}}},
-        'scope': {'project': {'name': project, 'domain': {'id': 'default'}}}}}
-    req = urllib.request.Request(OPENSTACK['KEYSTONE_URL'] + '/auth/tokens', data=json.dumps(body).encode(),
-                                 headers={'Content-Type': 'application/json'}, method='POST')
+    body = {
+        'auth': {
+            'identity': {
+                'methods': ['password'], 'password': {
+                    'user': {
+                        'name': user, 'domain': {
+                            'id': 'default'}, 'password': password}}}, 'scope': {
+                'project': {
+                    'name': project, 'domain': {
+                        'id': 'default'}}}}}
+    req = urllib.request.Request(
+        OPENSTACK['KEYSTONE_URL'] +
+        '/auth/tokens',
+        data=json.dumps(body).encode(),
+        headers={
+            'Content-Type': 'application/json'},
+        method='POST')
     with urllib.request.urlopen(req, timeout=60) as r:
         value = r.headers['X-Subject-Token']
     _token[key] = (value, time.time())
@@ -95,14 +136,19 @@ def glance(method, path, body=None, data=None, headers=None, retries=4):
         payload = data
         h.setdefault('Content-Type', 'application/octet-stream')
     for attempt in range(retries):
-        req = urllib.request.Request(OPENSTACK['GLANCE_URL'] + path, data=payload, headers=h, method=method)
+        req = urllib.request.Request(
+            OPENSTACK['GLANCE_URL'] + path,
+            data=payload,
+            headers=h,
+            method=method)
         try:
             with urllib.request.urlopen(req, timeout=300) as r:
                 raw = r.read()
                 return r.status, (json.loads(raw) if raw else None)
         except urllib.error.HTTPError as e:
             raw = e.read()
-            if e.code < 500 or attempt == retries - 1 or (method == 'PUT' and path.endswith('/file')):
+            if e.code < 500 or attempt == retries - \
+                    1 or (method == 'PUT' and path.endswith('/file')):
                 try:
                     return e.code, json.loads(raw)
                 except ValueError:
@@ -110,13 +156,20 @@ def glance(method, path, body=None, data=None, headers=None, retries=4):
         time.sleep(0.25 * 2 ** attempt)
 
 
-def create_image(data, disk_format='raw', name='imgconv-client-test', store=None):
+def create_image(
+        data,
+        disk_format='raw',
+        name='imgconv-client-test',
+        store=None):
     """A Glance image with these bytes; returns its id."""
-    status, image = glance('POST', '/v2/images', body={'name': name, 'disk_format': disk_format,
-                                                       'container_format': 'bare'})
+    status, image = glance(
+        'POST', '/v2/images', body={
+            'name': name, 'disk_format': disk_format, 'container_format': 'bare'})
     assert status == 201, (status, image)
     headers = {'X-Image-Meta-Store': store} if store else {}
-    status, err = glance('PUT', '/v2/images/%s/file' % image['id'], data=data, headers=headers)
+    status, err = glance(
+        'PUT', '/v2/images/%s/file' %
+        image['id'], data=data, headers=headers)
     assert status == 204, (status, err)
     return image['id']
 
@@ -138,8 +191,15 @@ def test_bytes(size, seed):
 
 
 def rbd(*args):
-    return subprocess.run(['rbd', '-c', CEPH['CEPH_CONF'], '--id', 'admin', '--keyring', CEPH['CEPH_ADMIN_KEYRING']]
-                          + list(args), check=True, capture_output=True).stdout
+    return subprocess.run(['rbd',
+                           '-c',
+                           CEPH['CEPH_CONF'],
+                           '--id',
+                           'admin',
+                           '--keyring',
+                           CEPH['CEPH_ADMIN_KEYRING']] + list(args),
+                          check=True,
+                          capture_output=True).stdout
 
 
 def export(spec):
@@ -165,14 +225,26 @@ class Agent(object):
         self.dir = tempfile.mkdtemp(prefix='imgconv-pyagent-')
         self.socket = os.path.join(self.dir, 'agent.sock')
         config = {
-            'agent': {'socket_path': self.socket, 'state_dir': os.path.join(self.dir, 'state')},
-            'glance': {'auth_url': OPENSTACK['KEYSTONE_URL'], 'username': 'admin', 'password': 'secret',
-                       'project_name': 'admin', 'num_retries': '4'},
-            'cache': {'directory': os.path.join(self.dir, 'cache'), 'max_size': '2G'},
+            'agent': {
+                'socket_path': self.socket,
+                'state_dir': os.path.join(
+                    self.dir,
+                    'state')},
+            'glance': {
+                'auth_url': OPENSTACK['KEYSTONE_URL'],
+                'username': 'admin',
+                'password': 'secret',
+                'project_name': 'admin',
+                'num_retries': '4'},
+            'cache': {
+                'directory': os.path.join(
+                    self.dir,
+                    'cache'),
+                'max_size': '2G'},
         }
         if rbd:
-            config['rbd'] = {'ceph_conf': CEPH['CEPH_CONF'], 'user': CEPH.get('CEPH_USER', 'imgconv'),
-                             'keyring': CEPH['CEPH_USER_KEYRING']}
+            config['rbd'] = {'ceph_conf': CEPH['CEPH_CONF'], 'user': CEPH.get(
+                'CEPH_USER', 'imgconv'), 'keyring': CEPH['CEPH_USER_KEYRING']}
         for section, values in (sections or {}).items():
             config.setdefault(section, {}).update(values)
         self.config = os.path.join(self.dir, 'agent.conf')
@@ -186,12 +258,19 @@ class Agent(object):
 
     def start(self, wait=30):
         with open(self.log, 'ab') as log:
-            self.process = subprocess.Popen([binary(), 'agent', '--config', self.config, '--log-level', 'debug'],
-                                            stdout=log, stderr=log)
+            self.process = subprocess.Popen([binary(),
+                                             'agent',
+                                             '--config',
+                                             self.config,
+                                             '--log-level',
+                                             'debug'],
+                                            stdout=log,
+                                            stderr=log)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError('the agent exited with %s:\n%s' % (self.process.returncode, self.log_text()[-3000:]))
+                raise RuntimeError('the agent exited with %s:\n%s' % (
+                    self.process.returncode, self.log_text()[-3000:]))
             if os.path.exists(self.socket):
                 s = socket.socket(socket.AF_UNIX)
                 try:
@@ -202,7 +281,9 @@ class Agent(object):
                 finally:
                     s.close()
             time.sleep(0.05)
-        raise RuntimeError('the agent did not open %s within %s s' % (self.socket, wait))
+        raise RuntimeError(
+            'the agent did not open %s within %s s' %
+            (self.socket, wait))
 
     def stop(self):
         if self.process is not None and self.process.poll() is None:

@@ -2,7 +2,6 @@
 class the fixtures can provoke, and every answer validated against the agent's own OpenAPI document."""
 
 import hashlib
-import http.client
 import os
 import socket
 import threading
@@ -16,7 +15,8 @@ import contract
 import fixtures
 
 
-@unittest.skipUnless(fixtures.OPENSTACK, 'the Glance fixture is not running (scripts/openstack-fixture.sh start)')
+@unittest.skipUnless(fixtures.OPENSTACK,
+                     'the Glance fixture is not running (scripts/openstack-fixture.sh start)')
 class ClientTest(unittest.TestCase):
     """One agent for the class; each test makes its own images and disks."""
 
@@ -25,7 +25,10 @@ class ClientTest(unittest.TestCase):
         cls.agent = fixtures.Agent(rbd=bool(fixtures.CEPH)).start()
         cls.document = Client(cls.agent.socket).openapi()
         cls.recorder = contract.Recorder(cls.document)
-        cls.client = Client(cls.agent.socket, timeout=60, response_hook=cls.recorder)
+        cls.client = Client(
+            cls.agent.socket,
+            timeout=60,
+            response_hook=cls.recorder)
         assert cls.client.openapi() == cls.document
         cls.images = []
 
@@ -50,7 +53,9 @@ class ClientTest(unittest.TestCase):
         self.assertIn('imgconv_', self.client.metrics())
         self.assertEqual(self.document['openapi'], '3.1.0')
         enum = set(self.document['components']['schemas']['ErrorType']['enum'])
-        self.assertEqual(enum, set(errors.BY_TYPE), 'the client has one exception class per documented error type')
+        self.assertEqual(
+            enum, set(
+                errors.BY_TYPE), 'the client has one exception class per documented error type')
 
     def test_fetch_pin_evict_verify(self):
         data = fixtures.test_bytes(3 << 20, seed=11)
@@ -59,9 +64,16 @@ class ClientTest(unittest.TestCase):
         image = self.client.fetch(image_id, wait=True, timeout=120)
         self.assertEqual(image['state'], 'ready')
         with open(image['path'], 'rb') as f:
-            self.assertEqual(hashlib.sha256(f.read()).digest(), hashlib.sha256(data).digest())
+            self.assertEqual(
+                hashlib.sha256(
+                    f.read()).digest(),
+                hashlib.sha256(data).digest())
         # Cached now: fetch answers the image at once, without waiting.
-        self.assertEqual(self.client.fetch(image_id, wait=False)['state'], 'ready')
+        self.assertEqual(
+            self.client.fetch(
+                image_id,
+                wait=False)['state'],
+            'ready')
         self.assertIn(image_id, [i['id'] for i in self.client.images()])
         self.assertTrue(self.client.pin(image_id)['pinned'])
         with self.assertRaises(errors.Busy) as cm:
@@ -70,7 +82,8 @@ class ClientTest(unittest.TestCase):
         self.assertIn('pinned', str(cm.exception))
         self.assertFalse(self.client.unpin(image_id)['pinned'])
         self.assertTrue(self.client.verify(image_id)['ok'])
-        # A file changed behind the agent's back: verify says so (422, not an error) and removes it.
+        # A file changed behind the agent's back: verify says so (422, not an
+        # error) and removes it.
         with open(image['path'], 'r+b') as f:
             f.seek(1000)
             f.write(b'\x42' if data[1000:1001] != b'\x42' else b'\x43')
@@ -79,7 +92,11 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(self.client.image(image_id)['state'], 'error')
         self.assertFalse(os.path.exists(image['path']))
         # Fetched again, then evicted.
-        self.assertEqual(self.client.fetch(image_id, timeout=120)['state'], 'ready')
+        self.assertEqual(
+            self.client.fetch(
+                image_id,
+                timeout=120)['state'],
+            'ready')
         self.client.evict(image_id)
         self.assertRaises(errors.ImageNotCached, self.client.image, image_id)
         self.assertRaises(errors.ImageNotCached, self.client.evict, image_id)
@@ -91,11 +108,17 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(job['kind'], 'fetch')
         self.assertEqual(self.client.job(job['id'])['id'], job['id'])
         self.assertIn(job['id'], [j['id'] for j in self.client.jobs()])
-        self.assertEqual(self.client.fetch(image_id, timeout=120)['state'], 'ready')
+        self.assertEqual(
+            self.client.fetch(
+                image_id,
+                timeout=120)['state'],
+            'ready')
 
     def test_a_hostile_image_fails_the_fetch(self):
-        # A qcow2 registered as raw (CVE-2024-40767): Glance accepts it, the agent inspects and refuses it and
-        # never makes it ready. (Glance 33 itself refuses a qcow2 with a backing file at upload.)
+        # A qcow2 registered as raw (CVE-2024-40767): Glance accepts it, the
+        # agent inspects and refuses it and
+        # never makes it ready. (Glance 33 itself refuses a qcow2 with a
+        # backing file at upload.)
         with open(os.path.join(fixtures.REPO, 'samples', 'qcow2-v3.qcow2'), 'rb') as f:
             image_id = self.image_with(f.read(), disk_format='raw')
         with self.assertRaises(errors.FetchFailed) as cm:
@@ -108,17 +131,44 @@ class ClientTest(unittest.TestCase):
             self.client.image('../../etc/passwd')
         self.assertEqual(cm.exception.code, 400)
         self.assertRaises(errors.InvalidRequest, self.client.job, 'not-a-job')
-        self.assertRaises(errors.NotFound, self.client.job, fixtures.new_uuid())
-        self.assertRaises(errors.ImageNotFound, self.client.fetch, fixtures.new_uuid())
-        self.assertRaises(errors.DiskNotFound, self.client.disk_get, fixtures.new_uuid())
+        self.assertRaises(
+            errors.NotFound,
+            self.client.job,
+            fixtures.new_uuid())
+        self.assertRaises(
+            errors.ImageNotFound,
+            self.client.fetch,
+            fixtures.new_uuid())
+        self.assertRaises(
+            errors.DiskNotFound,
+            self.client.disk_get,
+            fixtures.new_uuid())
         self.assertRaises(errors.InvalidRequest, self.client.disk_get, 'vda')
-        self.assertRaises(errors.InvalidRequest, self.client.disk_create, 'not-a-uuid', fixtures.new_uuid())
-        self.assertRaises(errors.InvalidRequest, self.client.collect_bases, idle=-1)
-        # What the client itself never sends: an unknown route (not in the document: no recorder), a body
+        self.assertRaises(
+            errors.InvalidRequest,
+            self.client.disk_create,
+            'not-a-uuid',
+            fixtures.new_uuid())
+        self.assertRaises(
+            errors.InvalidRequest,
+            self.client.collect_bases,
+            idle=-1)
+        # What the client itself never sends: an unknown route (not in the
+        # document: no recorder), a body
         # over 64 KiB.
-        self.assertRaises(errors.NotFound, Client(self.agent.socket)._request, 'GET', '/v1/nothing-here')
+        self.assertRaises(
+            errors.NotFound,
+            Client(
+                self.agent.socket)._request,
+            'GET',
+            '/v1/nothing-here')
         with self.assertRaises(errors.BodyTooLarge) as cm:
-            self.client._request('POST', '/v1/disks', body={'instance_uuid': 'x' * 70000})
+            self.client._request(
+                'POST',
+                '/v1/disks',
+                body={
+                    'instance_uuid': 'x' *
+                    70000})
         self.assertEqual(cm.exception.code, 413)
 
     def test_agent_down_and_timeouts(self):
@@ -126,7 +176,8 @@ class ClientTest(unittest.TestCase):
         with self.assertRaises(errors.AgentUnavailable) as cm:
             gone.health()
         self.assertIn('/nonexistent/agent.sock', str(cm.exception))
-        # A listener that accepts and never answers: the call ends at its timeout.
+        # A listener that accepts and never answers: the call ends at its
+        # timeout.
         path = os.path.join(self.agent.dir, 'silent.sock')
         silent = socket.socket(socket.AF_UNIX)
         silent.bind(path)
@@ -145,7 +196,10 @@ class ClientTest(unittest.TestCase):
 
         def listen():
             try:
-                for event in Client(self.agent.socket, response_hook=self.recorder).events(timeout=60):
+                for event in Client(
+                        self.agent.socket,
+                        response_hook=self.recorder).events(
+                        timeout=60):
                     if event.get('image_id') == image_id:
                         seen.append(event['state'])
                         if event['state'] in ('ready', 'error'):
@@ -170,12 +224,18 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(disk['name'], first + '_disk')
         self.assertEqual(disk['method'], 'base-built')
         self.assertEqual(fixtures.export(disk['location']), data)
-        self.assertRaises(errors.DiskExists, self.client.disk_create, first, image_id)
+        self.assertRaises(
+            errors.DiskExists,
+            self.client.disk_create,
+            first,
+            image_id)
         with self.assertRaises(errors.InvalidRequest) as cm:
             self.client.disk_create(second, image_id, size=4096)
         self.assertIn('virtual size', str(cm.exception))
-        # The second instance, without waiting: a job, then the disk (a clone of the same base).
-        job = self.client.disk_create(second, image_id, size=8 << 20, wait=False)
+        # The second instance, without waiting: a job, then the disk (a clone
+        # of the same base).
+        job = self.client.disk_create(
+            second, image_id, size=8 << 20, wait=False)
         self.assertEqual(job['kind'], 'disk')
         for _ in range(600):
             if self.client.job(job['id'])['state'] in ('ready', 'error'):
@@ -185,34 +245,54 @@ class ClientTest(unittest.TestCase):
         clone = self.client.disk_get(second)
         self.assertEqual(clone['size'], 8 << 20)
         self.assertEqual(clone['parent'], disk['parent'])
-        self.assertIn(first + '_disk', [d['name'] for d in self.client.disks()['disks']])
+        self.assertIn(first + '_disk', [d['name']
+                      for d in self.client.disks()['disks']])
         flat = self.client.disk_flatten(second)
         self.assertNotIn('parent', flat)
         for instance in (first, second):
             self.client.disk_delete(instance)
-            self.assertRaises(errors.DiskNotFound, self.client.disk_get, instance)
+            self.assertRaises(
+                errors.DiskNotFound,
+                self.client.disk_get,
+                instance)
         removed = self.client.collect_bases(idle=0, images=[image_id])
         self.assertEqual(removed, ['imgconv-base-' + image_id])
 
     def test_the_recorder_catches_what_the_document_does_not_allow(self):
         r = contract.Recorder(self.document)
-        r('GET', '/v1/health', 200, 'application/json', {'status': 'ok'})                     # fields missing
-        r('GET', '/v1/images/%s' % fixtures.new_uuid(), 418, 'application/json', {})          # undocumented status
-        r('DELETE', '/v1/disks/x_disk', 204, '', 'unexpected')                                 # a body where none is
-        r('GET', '/v1/disks', 200, 'application/json', {'backend': 'nfs', 'disks': []})        # not in the enum
-        r('GET', '/v1/nothing', 200, 'application/json', {})                                  # no such operation
         r('GET', '/v1/health', 200, 'application/json',
-          {'status': 'ok', 'cache_bytes': 1, 'cache_max_bytes': 2, 'extra': True})             # an undocumented field
+          {'status': 'ok'})                     # fields missing
+        r('GET', '/v1/images/%s' % fixtures.new_uuid(), 418,
+          'application/json', {})          # undocumented status
+        # a body where none is
+        r('DELETE', '/v1/disks/x_disk', 204, '', 'unexpected')
+        r('GET', '/v1/disks', 200, 'application/json',
+          {'backend': 'nfs', 'disks': []})        # not in the enum
+        r('GET', '/v1/nothing', 200, 'application/json', {}
+          )                                  # no such operation
+        r('GET',
+          '/v1/health',
+          200,
+          'application/json',
+          {'status': 'ok',
+           'cache_bytes': 1,
+           'cache_max_bytes': 2,
+           'extra': True})  # an undocumented field
         self.assertEqual(len(r.problems), 6, '\n'.join(r.problems))
         self.assertRaises(contract.ContractError, r.check)
 
     def test_zz_every_documented_operation_was_called(self):
-        # Runs last (unittest orders by name): the calls of every other test are in the recorder.
+        # Runs last (unittest orders by name): the calls of every other test
+        # are in the recorder.
         operations = self.recorder.operations()
         if not fixtures.CEPH:
-            operations = {(m, t) for m, t in operations if not t.startswith(('/v1/disks', '/v1/bases'))}
+            operations = {(m, t) for m, t in operations if not t.startswith(
+                ('/v1/disks', '/v1/bases'))}
         called = {(m, t) for m, t, _ in self.recorder.seen}
-        self.assertEqual(operations - called, set(), 'documented operations no test called')
+        self.assertEqual(
+            operations - called,
+            set(),
+            'documented operations no test called')
 
 
 class UnixConnectionTest(unittest.TestCase):
@@ -227,7 +307,8 @@ class UnixConnectionTest(unittest.TestCase):
         def serve():
             conn, _ = server.accept()
             got.append(conn.recv(65536))
-            conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}')
+            conn.sendall(
+                b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}')
             conn.close()
 
         t = threading.Thread(target=serve, daemon=True)
@@ -246,10 +327,16 @@ class UnixConnectionTest(unittest.TestCase):
     def test_an_answer_without_the_error_body_is_a_protocol_error(self):
         e = Client._error(500, 'oops', 'GET', '/x')
         self.assertIsInstance(e, errors.ProtocolError)
-        e = Client._error(409, {'error': {'code': 409, 'type': 'busy', 'message': 'in use'}}, 'GET', '/x')
+        e = Client._error(
+            409, {
+                'error': {
+                    'code': 409, 'type': 'busy', 'message': 'in use'}}, 'GET', '/x')
         self.assertIsInstance(e, errors.Busy)
         self.assertIsInstance(e, errors.Conflict)
-        e = Client._error(418, {'error': {'code': 418, 'type': 'teapot', 'message': '?'}}, 'GET', '/x')
+        e = Client._error(
+            418, {
+                'error': {
+                    'code': 418, 'type': 'teapot', 'message': '?'}}, 'GET', '/x')
         self.assertIsInstance(e, errors.ProtocolError)
 
 

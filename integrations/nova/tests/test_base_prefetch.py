@@ -1,46 +1,38 @@
 """Prefetch into Nova's _base with no patch at all: the agent's [cache] is Nova's image cache directory
-(layout = nova: files named sha1(image id); force_raw = true: raw, as force_raw_images makes them). Nova's
-unmodified Qcow2 and Flat backends (images_type = qcow2 / flat: the patch changes nothing there) find the
-agent's files and never download; Nova's own ImageCacheManager deletes an unused base behind the agent's
-back, and the agent notices: the image goes to `missing`, and a pinned one is fetched again.
+(layout = nova: files named sha1(image id); force_raw = true: raw, as
+force_raw_images makes them). Nova's
+unmodified Qcow2 and Flat backends (images_type = qcow2 / flat: the patch
+changes nothing there) find the
+agent's files and never download; Nova's own ImageCacheManager deletes an
+unused base behind the agent's
+back, and the agent notices: the image goes to `missing`, and a pinned one is
+fetched again.
 """
 
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import unittest
-import uuid
 from unittest import mock
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, '..', '..', '..', 'clients', 'python', 'tests'))
+import nova_support
+from nova_support import fixtures
 
-import fixtures  # noqa: E402
+from nova import objects
+from nova.virt.libvirt import imagecache
+from nova.virt.libvirt import utils as libvirt_utils
 
-import nova.conf  # noqa: E402
-from nova import context as nova_context  # noqa: E402
-from nova import objects  # noqa: E402
-import nova.privsep  # noqa: E402
-from nova.virt.libvirt import driver as libvirt_driver  # noqa: E402
-from nova.virt.libvirt import imagebackend  # noqa: E402
-from nova.virt.libvirt import imagecache  # noqa: E402
-from nova.virt.libvirt import utils as libvirt_utils  # noqa: E402
+from imgconv_client import Client
 
-from imgconv_client import Client  # noqa: E402
-
-CONF = nova.conf.CONF
-DISK_MAPPING = {'disk': {'bus': 'virtio', 'dev': 'vda', 'type': 'disk'}}
+CONF = nova_support.CONF
 
 
 def setUpModule():
     if not fixtures.OPENSTACK:
         raise unittest.SkipTest('needs the Glance fixture')
-    CONF([], project='nova', default_config_files=[])
-    objects.register_all()
-    nova.privsep.sys_admin_pctxt.set_client_mode(False)
+    nova_support.setup_nova()
 
 
 class BasePrefetchTest(unittest.TestCase):
@@ -49,8 +41,13 @@ class BasePrefetchTest(unittest.TestCase):
     def setUpClass(cls):
         cls.instances = tempfile.mkdtemp(prefix='imgconv-nova-base-')
         cls.base_dir = os.path.join(cls.instances, '_base')
-        cls.agent = fixtures.Agent(sections={'cache': {'directory': cls.base_dir, 'layout': 'nova',
-                                                       'force_raw': 'true', 'check_interval': '1s'}}).start()
+        cls.agent = fixtures.Agent(
+            sections={
+                'cache': {
+                    'directory': cls.base_dir,
+                    'layout': 'nova',
+                    'force_raw': 'true',
+                    'check_interval': '1s'}}).start()
         cls.client = Client(cls.agent.socket, timeout=60)
         cls.images = []
 
@@ -62,12 +59,8 @@ class BasePrefetchTest(unittest.TestCase):
             fixtures.delete_image(image_id)
 
     def setUp(self):
-        CONF.set_override('instances_path', self.instances)
-        CONF.set_override('lock_path', os.path.join(self.instances, 'locks'), group='oslo_concurrency')
-        CONF.set_override('api_servers', [fixtures.OPENSTACK['GLANCE_URL']], group='glance')
-        self.addCleanup(CONF.reset)
-        self.context = nova_context.RequestContext(user_id='admin', project_id='admin', is_admin=True,
-                                                   auth_token=fixtures.token())
+        nova_support.configure(self, self.instances)
+        self.context = nova_support.context()
 
     def qcow2_image(self, seed):
         """A qcow2 image in Glance (made by qemu-img, the test oracle) and its raw content."""
@@ -76,37 +69,36 @@ class BasePrefetchTest(unittest.TestCase):
         try:
             with open(os.path.join(work, 'x.raw'), 'wb') as f:
                 f.write(raw)
-            subprocess.run(['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', os.path.join(work, 'x.raw'),
-                            os.path.join(work, 'x.qcow2')], check=True)
+            subprocess.run(['qemu-img',
+                            'convert',
+                            '-f',
+                            'raw',
+                            '-O',
+                            'qcow2',
+                            os.path.join(work,
+                                         'x.raw'),
+                            os.path.join(work,
+                                         'x.qcow2')],
+                           check=True)
             with open(os.path.join(work, 'x.qcow2'), 'rb') as f:
-                image_id = fixtures.create_image(f.read(), disk_format='qcow2', name='imgconv-nova-base')
+                image_id = fixtures.create_image(
+                    f.read(), disk_format='qcow2', name='imgconv-nova-base')
         finally:
             shutil.rmtree(work)
         self.images.append(image_id)
         return image_id, raw
 
-    def instance(self, image_id):
-        inst = objects.Instance(
-            id=1, uuid=str(uuid.uuid4()), project_id='admin', user_id='admin', image_ref=image_id,
-            flavor=objects.Flavor(root_gb=1, ephemeral_gb=0, swap=0, memory_mb=512, vcpus=1, extra_specs={}),
-            system_metadata={}, config_drive='', task_state=None, vm_state='building', trusted_certs=None,
-            migration_context=None, cleaned=False, metadata={})
-        os.makedirs(libvirt_utils.get_instance_path(inst), exist_ok=True)
-        return inst
-
     def boot(self, images_type, image_id):
         CONF.set_override('images_type', images_type, group='libvirt')
-        drv = libvirt_driver.LibvirtDriver.__new__(libvirt_driver.LibvirtDriver)
-        drv.image_backend = imagebackend.Backend(CONF.use_cow_images)
-        inst = self.instance(image_id)
-        with mock.patch.object(libvirt_utils, 'fetch_image', wraps=libvirt_utils.fetch_image) as fetch:
-            drv._create_and_inject_local_root(self.context, inst, DISK_MAPPING, False, '',
-                                              {'image_id': image_id}, None, None)
-        return inst, fetch.call_count
+        inst = nova_support.instance(image_id)
+        _, fetches = nova_support.create_root_disk(
+            nova_support.driver(), self.context, inst, image_id)
+        return inst, fetches
 
     def raw_of(self, path):
         out = path + '.check.raw'
-        subprocess.run(['qemu-img', 'convert', '-O', 'raw', path, out], check=True)
+        subprocess.run(['qemu-img', 'convert', '-O',
+                       'raw', path, out], check=True)
         try:
             with open(out, 'rb') as f:
                 return f.read()
@@ -116,57 +108,86 @@ class BasePrefetchTest(unittest.TestCase):
     def test_qcow2_and_flat_backends_find_the_agents_files(self):
         image_id, raw = self.qcow2_image(seed=41)
         cached = self.client.fetch(image_id, timeout=120)
-        base = os.path.join(self.base_dir, imagecache.get_cache_fname(image_id))
+        base = os.path.join(self.base_dir,
+                            imagecache.get_cache_fname(image_id))
         self.assertEqual(cached['path'], base)
         self.assertEqual(cached['stored_format'], 'raw')
         with open(base, 'rb') as f:
             self.assertEqual(f.read(), raw)
 
         inst, fetches = self.boot('qcow2', image_id)
-        self.assertEqual(fetches, 0, "Nova's Qcow2 backend downloaded the image")
+        self.assertEqual(
+            fetches, 0, "Nova's Qcow2 backend downloaded the image")
         disk = os.path.join(libvirt_utils.get_instance_path(inst), 'disk')
-        info = subprocess.run(['qemu-img', 'info', '--output=json', disk], check=True, capture_output=True, text=True)
-        self.assertIn(base, info.stdout)                    # the overlay's backing file is the agent's file
+        info = subprocess.run(['qemu-img',
+                               'info',
+                               '--output=json',
+                               disk],
+                              check=True,
+                              capture_output=True,
+                              text=True)
+        # the overlay's backing file is the agent's file
+        self.assertIn(base, info.stdout)
         self.assertEqual(self.raw_of(disk)[:len(raw)], raw)
 
         inst, fetches = self.boot('flat', image_id)
-        self.assertEqual(fetches, 0, "Nova's Flat backend downloaded the image")
+        self.assertEqual(
+            fetches, 0, "Nova's Flat backend downloaded the image")
         disk = os.path.join(libvirt_utils.get_instance_path(inst), 'disk')
         with open(disk, 'rb') as f:
             self.assertEqual(f.read(len(raw)), raw)
 
-    def test_the_image_cache_manager_deletes_a_base_and_the_agent_notices(self):
+    def test_the_image_cache_manager_deletes_a_base_and_the_agent_notices(
+            self):
         pinned, pinned_raw = self.qcow2_image(seed=42)
         plain, _ = self.qcow2_image(seed=43)
         for image_id in (pinned, plain):
             self.client.fetch(image_id, timeout=120)
         self.client.pin(pinned)
-        paths = {i: os.path.join(self.base_dir, imagecache.get_cache_fname(i)) for i in (pinned, plain)}
+        paths = {
+            i: os.path.join(
+                self.base_dir,
+                imagecache.get_cache_fname(i)) for i in (
+                pinned,
+                plain)}
         old = time.time() - 7200
         for p in paths.values():
             os.utime(p, (old, old))
 
-        # Nova's own manager, with no instance on the node: both bases are unused and old enough.
+        # Nova's own manager, with no instance on the node: both bases are
+        # unused and old enough.
         CONF.set_override('images_type', 'qcow2', group='libvirt')
-        CONF.set_override('remove_unused_original_minimum_age_seconds', 3600, group='image_cache')
+        CONF.set_override(
+            'remove_unused_original_minimum_age_seconds',
+            3600,
+            group='image_cache')
         manager = imagecache.ImageCacheManager()
-        # The one database call of update(): the block devices of the node's instances (there are none).
+        # The one database call of update(): the block devices of the node's
+        # instances (there are none).
         with mock.patch.object(objects.BlockDeviceMappingList, 'bdms_by_instance_uuid', return_value={}):
             manager.update(self.context, [])
-        self.assertFalse(any(os.path.exists(p) for p in paths.values()), 'Nova removed nothing')
+        self.assertFalse(any(os.path.exists(p)
+                         for p in paths.values()), 'Nova removed nothing')
 
-        # The agent's check (check_interval = 1s): the plain image is missing, the pinned one fetched again.
+        # The agent's check (check_interval = 1s): the plain image is missing,
+        # the pinned one fetched again.
         deadline = time.time() + 60
         while time.time() < deadline:
-            states = {i: self.client.image(i)['state'] for i in (pinned, plain)}
-            if states[plain] == 'missing' and states[pinned] == 'ready' and os.path.exists(paths[pinned]):
+            states = {i: self.client.image(i)['state']
+                      for i in (pinned, plain)}
+            if states[plain] == 'missing' and states[pinned] == 'ready' and os.path.exists(
+                    paths[pinned]):
                 break
             time.sleep(0.2)
         self.assertEqual(states, {pinned: 'ready', plain: 'missing'})
         with open(paths[pinned], 'rb') as f:
             self.assertEqual(f.read(), pinned_raw)
         # Asked for again, the missing one is fetched again.
-        self.assertEqual(self.client.fetch(plain, timeout=120)['state'], 'ready')
+        self.assertEqual(
+            self.client.fetch(
+                plain,
+                timeout=120)['state'],
+            'ready')
         self.assertTrue(os.path.exists(paths[plain]))
 
 

@@ -1,50 +1,47 @@
 """images_type = imgconv on Nova 34.0.0's own code: the libvirt driver's real root-disk path
-(LibvirtDriver._create_and_inject_local_root -> Backend.by_name -> Image.cache -> create_image -> clone),
-libvirt_info, the driver's rbd clean-up and cache_image, against a real agent, the Glance fixture and Ceph.
+(LibvirtDriver._create_and_inject_local_root -> Backend.by_name -> Image.cache
+-> create_image -> clone),
+libvirt_info, the driver's rbd clean-up and cache_image, against a real agent,
+the Glance fixture and Ceph.
 
-Set-up Nova's image backend needs outside nova-compute, all of it here: the config parsed with no files
-and the options set below, objects.register_all(), oslo.concurrency's lock_path, privsep run in-process
-(as root: nova.privsep.sys_admin_pctxt.set_client_mode(False)), and the instance directory made first, as
+Set-up Nova's image backend needs outside nova-compute, all of it here: the
+config parsed with no files
+and the options set below, objects.register_all(), oslo.concurrency's
+lock_path, privsep run in-process
+(as root: nova.privsep.sys_admin_pctxt.set_client_mode(False)), and the
+instance directory made first, as
 the driver does.
 """
 
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import unittest
 import uuid
 from unittest import mock
 
+import nova_support
+from nova_support import CONF, DISK_MAPPING, fixtures
+
+import nova
+from nova import exception
+from nova.virt.libvirt import driver as libvirt_driver
+from nova.virt.libvirt import imagebackend
+from nova.virt.libvirt import imagecache
+from nova.virt.libvirt import utils as libvirt_utils
+
+from imgconv_client import Client
+from imgconv_client.nova import backend as imgconv_backend
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, '..', '..', '..', 'clients', 'python', 'tests'))
-
-import fixtures  # noqa: E402  (the client tests' fixtures: agent, Glance, Ceph)
-
-import nova.conf  # noqa: E402
-from nova import context as nova_context  # noqa: E402
-from nova import exception  # noqa: E402
-from nova import objects  # noqa: E402
-import nova.privsep  # noqa: E402
-from nova.virt.libvirt import driver as libvirt_driver  # noqa: E402
-from nova.virt.libvirt import imagebackend  # noqa: E402
-from nova.virt.libvirt import imagecache  # noqa: E402
-from nova.virt.libvirt import utils as libvirt_utils  # noqa: E402
-
-from imgconv_client import Client  # noqa: E402
-from imgconv_client.nova import backend as imgconv_backend  # noqa: E402
-
-CONF = nova.conf.CONF
-DISK_MAPPING = {'disk': {'bus': 'virtio', 'dev': 'vda', 'type': 'disk'}}
 
 
 def setUpModule():
     if not (fixtures.OPENSTACK and fixtures.CEPH):
-        raise unittest.SkipTest('needs the Glance fixture and the Ceph test cluster')
-    CONF([], project='nova', default_config_files=[])
-    objects.register_all()
-    nova.privsep.sys_admin_pctxt.set_client_mode(False)
+        raise unittest.SkipTest(
+            'needs the Glance fixture and the Ceph test cluster')
+    nova_support.setup_nova()
 
 
 class NovaBackendTest(unittest.TestCase):
@@ -63,22 +60,14 @@ class NovaBackendTest(unittest.TestCase):
             fixtures.delete_image(image_id)
 
     def setUp(self):
-        for group, values in {
-            None: {'instances_path': self.instances},
-            'oslo_concurrency': {'lock_path': os.path.join(self.instances, 'locks')},
-            'libvirt': {'images_type': 'imgconv', 'images_rbd_pool': 'vms',
-                        'images_rbd_ceph_conf': fixtures.CEPH['CEPH_CONF'],
-                        'rbd_user': fixtures.CEPH.get('CEPH_USER', 'imgconv'),
-                        # libvirt's secret for the cephx key, as every rbd deployment sets it
-                        'rbd_secret_uuid': '7e3ee9d6-6d2d-4cf4-9a52-3f6c2b9a1c01'},
-            'imgconv': {'socket_path': self.agent.socket, 'fallback': 'fail', 'disk_type': 'rbd', 'timeout': 300},
-            'glance': {'api_servers': [fixtures.OPENSTACK['GLANCE_URL']]},
-        }.items():
-            for k, v in values.items():
-                CONF.set_override(k, v, group=group)
-        self.addCleanup(CONF.reset)
-        self.context = nova_context.RequestContext(user_id='admin', project_id='admin', is_admin=True,
-                                                   auth_token=fixtures.token())
+        nova_support.configure(self, self.instances, libvirt={
+            'images_type': 'imgconv', 'images_rbd_pool': 'vms', 'images_rbd_ceph_conf': fixtures.CEPH['CEPH_CONF'],
+            'rbd_user': fixtures.CEPH.get('CEPH_USER', 'imgconv'),
+            # libvirt's secret for the cephx key, as every rbd deployment sets
+            # it
+            'rbd_secret_uuid': '7e3ee9d6-6d2d-4cf4-9a52-3f6c2b9a1c01'},
+            imgconv={'socket_path': self.agent.socket, 'fallback': 'fail', 'disk_type': 'rbd', 'timeout': 300})
+        self.context = nova_support.context()
 
     def image(self, size=(6 << 20) + 4096, seed=31):
         data = fixtures.test_bytes(size, seed=seed)
@@ -86,27 +75,14 @@ class NovaBackendTest(unittest.TestCase):
         self.images.append(image_id)
         return image_id, data
 
-    def instance(self, image_id, root_gb=1):
-        inst = objects.Instance(
-            id=1, uuid=str(uuid.uuid4()), project_id='admin', user_id='admin', image_ref=image_id,
-            flavor=objects.Flavor(root_gb=root_gb, ephemeral_gb=0, swap=0, memory_mb=512, vcpus=1, extra_specs={}),
-            system_metadata={}, config_drive='', task_state=None, vm_state='building', trusted_certs=None,
-            migration_context=None, cleaned=False, metadata={})
-        os.makedirs(libvirt_utils.get_instance_path(inst), exist_ok=True)  # as the driver does first
-        return inst
+    def instance(self, image_id):
+        return nova_support.instance(image_id)
 
     def driver(self):
-        drv = libvirt_driver.LibvirtDriver.__new__(libvirt_driver.LibvirtDriver)
-        drv.image_backend = imagebackend.Backend(CONF.use_cow_images)
-        return drv
+        return nova_support.driver()
 
     def create_root_disk(self, drv, inst, image_id):
-        """The driver's own root-disk path, with Nova's download function spied on."""
-        with mock.patch.object(libvirt_utils, 'fetch_image', wraps=libvirt_utils.fetch_image) as fetch:
-            created = drv._create_and_inject_local_root(
-                self.context, inst, DISK_MAPPING, False, '', {'image_id': image_id, 'kernel_id': None,
-                                                             'ramdisk_id': None}, None, None)
-        return created, fetch.call_count
+        return nova_support.create_root_disk(drv, self.context, inst, image_id)
 
     def remove(self, drv, inst):
         drv._cleanup_rbd(inst)
@@ -115,7 +91,11 @@ class NovaBackendTest(unittest.TestCase):
     def test_root_disks_are_the_agents_clones(self):
         image_id, data = self.image()
         drv = self.driver()
-        self.assertIsInstance(drv.image_backend.by_name(self.instance(image_id), 'disk'), imgconv_backend.ImgconvRbd)
+        self.assertIsInstance(
+            drv.image_backend.by_name(
+                self.instance(image_id),
+                'disk'),
+            imgconv_backend.ImgconvRbd)
         self.assertEqual(libvirt_utils.images_type(), 'rbd')
 
         first = self.instance(image_id)
@@ -123,70 +103,120 @@ class NovaBackendTest(unittest.TestCase):
         self.assertTrue(created)
         self.assertEqual(fetches, 0, "Nova's fetch_image was called")
         disk = fixtures.export('vms/%s_disk' % first.uuid)
-        self.assertEqual(len(disk), 1 << 30)                 # the flavor's root_gb, made by the agent
+        # the flavor's root_gb, made by the agent
+        self.assertEqual(len(disk), 1 << 30)
         self.assertEqual(disk[:len(data)], data)
         self.assertEqual(disk[len(data):].count(0), len(disk) - len(data))
         agent = Client(self.agent.socket)
-        self.assertEqual(agent.disk_get(first.uuid)['parent'], 'vms/imgconv-base-%s@imgconv' % image_id)
+        self.assertEqual(
+            agent.disk_get(
+                first.uuid)['parent'],
+            'vms/imgconv-base-%s@imgconv' %
+            image_id)
 
         # libvirt sees the disk images_type = rbd gives it.
-        ours = drv.image_backend.by_name(first, 'disk', disk_info_mapping=DISK_MAPPING['disk'])
-        nova_rbd = imagebackend.Rbd(instance=first, disk_name='disk', disk_info_mapping=DISK_MAPPING['disk'])
-        self.assertEqual(ours.libvirt_info('none', {}).to_xml(), nova_rbd.libvirt_info('none', {}).to_xml())
-        self.assertIn("protocol=\"rbd\" name=\"vms/%s_disk\"" % first.uuid, ours.libvirt_info('none', {}).to_xml())
+        ours = drv.image_backend.by_name(
+            first, 'disk', disk_info_mapping=DISK_MAPPING['disk'])
+        nova_rbd = imagebackend.Rbd(
+            instance=first,
+            disk_name='disk',
+            disk_info_mapping=DISK_MAPPING['disk'])
+        self.assertEqual(
+            ours.libvirt_info(
+                'none', {}).to_xml(), nova_rbd.libvirt_info(
+                'none', {}).to_xml())
+        self.assertIn(
+            "protocol=\"rbd\" name=\"vms/%s_disk\"" %
+            first.uuid, ours.libvirt_info(
+                'none', {}).to_xml())
 
-        # The second instance is a clone of the same base, made as fast as a clone is.
+        # The second instance is a clone of the same base, made as fast as a
+        # clone is.
         second = self.instance(image_id)
         created, fetches = self.create_root_disk(drv, second, image_id)
         self.assertEqual(fetches, 0)
-        self.assertEqual(agent.disk_get(second.uuid)['parent'], 'vms/imgconv-base-%s@imgconv' % image_id)
-        self.assertEqual(fixtures.export('vms/%s_disk' % second.uuid)[:len(data)], data)
-        # Cached again (a reboot, a second cache() call): nothing is made twice.
+        self.assertEqual(
+            agent.disk_get(
+                second.uuid)['parent'],
+            'vms/imgconv-base-%s@imgconv' %
+            image_id)
+        self.assertEqual(
+            fixtures.export(
+                'vms/%s_disk' %
+                second.uuid)[
+                :len(data)],
+            data)
+        # Cached again (a reboot, a second cache() call): nothing is made
+        # twice.
         created, fetches = self.create_root_disk(drv, second, image_id)
         self.assertFalse(created)
 
-        # Deleting the instances through the driver's rbd clean-up removes the disks, and the agent's GC then
+        # Deleting the instances through the driver's rbd clean-up removes the
+        # disks, and the agent's GC then
         # finds the base unused.
         for inst in (first, second):
             self.remove(drv, inst)
-        self.assertEqual(agent.collect_bases(idle=0, images=[image_id]), ['imgconv-base-%s' % image_id])
+        self.assertEqual(
+            agent.collect_bases(
+                idle=0, images=[image_id]), [
+                'imgconv-base-%s' %
+                image_id])
 
     def test_agent_down_fallback_nova_boots_through_novas_path(self):
         image_id, data = self.image(seed=32)
-        CONF.set_override('socket_path', '/nonexistent/imgconv.sock', group='imgconv')
+        CONF.set_override(
+            'socket_path',
+            '/nonexistent/imgconv.sock',
+            group='imgconv')
         CONF.set_override('fallback', 'nova', group='imgconv')
         drv = self.driver()
         inst = self.instance(image_id)
         created, fetches = self.create_root_disk(drv, inst, image_id)
         self.assertTrue(created)
         self.assertEqual(fetches, 1, "Nova's own path did not run")
-        self.assertEqual(fixtures.export('vms/%s_disk' % inst.uuid)[:len(data)], data)
+        self.assertEqual(
+            fixtures.export(
+                'vms/%s_disk' %
+                inst.uuid)[
+                :len(data)],
+            data)
         self.remove(drv, inst)
-        base = os.path.join(self.instances, CONF.image_cache.subdirectory_name, imagecache.get_cache_fname(image_id))
+        base = os.path.join(
+            self.instances,
+            CONF.image_cache.subdirectory_name,
+            imagecache.get_cache_fname(image_id))
         if os.path.exists(base):
             os.unlink(base)
 
     def test_agent_down_fallback_fail_is_a_clear_error(self):
         image_id, _ = self.image(size=1 << 20, seed=33)
-        CONF.set_override('socket_path', '/nonexistent/imgconv.sock', group='imgconv')
+        CONF.set_override(
+            'socket_path',
+            '/nonexistent/imgconv.sock',
+            group='imgconv')
         drv = self.driver()
         inst = self.instance(image_id)
         with mock.patch.object(libvirt_utils, 'fetch_image') as fetch:
             with self.assertRaises(imgconv_backend.AgentUnavailable) as cm:
-                drv._create_and_inject_local_root(self.context, inst, DISK_MAPPING, False, '',
-                                                  {'image_id': image_id}, None, None)
+                drv._create_and_inject_local_root(
+                    self.context, inst, DISK_MAPPING, False, '', {
+                        'image_id': image_id}, None, None)
         self.assertEqual(fetch.call_count, 0)
         self.assertIn('/nonexistent/imgconv.sock', str(cm.exception))
         self.assertIn('fallback = nova', str(cm.exception))
         self.assertFalse(drv.image_backend.by_name(inst, 'disk').exists())
 
     def test_cache_image_asks_the_agent(self):
-        # What Nova's aggregate image pre-cache API (POST /os-aggregates/{id}/images) calls on each node.
+        # What Nova's aggregate image pre-cache API (POST
+        # /os-aggregates/{id}/images) calls on each node.
         image_id, data = self.image(size=2 << 20, seed=34)
         drv = self.driver()
         with mock.patch.object(libvirt_driver.images, 'fetch_to_raw') as nova_fetch:
             self.assertTrue(drv.cache_image(self.context, image_id))
-            self.assertFalse(drv.cache_image(self.context, image_id))   # already cached
+            self.assertFalse(
+                drv.cache_image(
+                    self.context,
+                    image_id))   # already cached
         self.assertEqual(nova_fetch.call_count, 0)
         cached = Client(self.agent.socket).image(image_id)
         self.assertEqual(cached['state'], 'ready')
@@ -203,7 +233,10 @@ class NovaQcow2BackendTest(NovaBackendTest):
     @classmethod
     def setUpClass(cls):
         cls.instances = tempfile.mkdtemp(prefix='imgconv-nova-instances-')
-        cls.agent = fixtures.Agent(sections={'disks': {'instances_dir': cls.instances}}).start()
+        cls.agent = fixtures.Agent(
+            sections={
+                'disks': {
+                    'instances_dir': cls.instances}}).start()
         cls.images = []
 
     def setUp(self):
@@ -215,22 +248,36 @@ class NovaQcow2BackendTest(NovaBackendTest):
         drv = self.driver()
         self.assertEqual(libvirt_utils.images_type(), 'qcow2')
         inst = self.instance(image_id)
-        self.assertIsInstance(drv.image_backend.by_name(inst, 'disk'), imgconv_backend.ImgconvQcow2)
+        self.assertIsInstance(drv.image_backend.by_name(
+            inst, 'disk'), imgconv_backend.ImgconvQcow2)
         created, fetches = self.create_root_disk(drv, inst, image_id)
         self.assertTrue(created)
         self.assertEqual(fetches, 0, "Nova's fetch_image was called")
         disk = os.path.join(libvirt_utils.get_instance_path(inst), 'disk')
-        info = subprocess.run(['qemu-img', 'info', '--output=json', disk], check=True, capture_output=True, text=True)
+        info = subprocess.run(['qemu-img',
+                               'info',
+                               '--output=json',
+                               disk],
+                              check=True,
+                              capture_output=True,
+                              text=True)
         self.assertIn('"format": "qcow2"', info.stdout)
-        self.assertIn(os.path.join(self.instances, '_base', image_id), info.stdout)
+        self.assertIn(
+            os.path.join(
+                self.instances,
+                '_base',
+                image_id),
+            info.stdout)
         self.assertIn('"virtual-size": %d' % (1 << 30), info.stdout)
         out = disk + '.raw'
-        subprocess.run(['qemu-img', 'convert', '-O', 'raw', disk, out], check=True)
+        subprocess.run(['qemu-img', 'convert', '-O',
+                       'raw', disk, out], check=True)
         with open(out, 'rb') as f:
             self.assertEqual(f.read(len(data)), data)
         os.unlink(out)
         # libvirt sees the file disk Nova's Qcow2 backend gives it.
-        xml = drv.image_backend.by_name(inst, 'disk', disk_info_mapping=DISK_MAPPING['disk']).libvirt_info(
+        xml = drv.image_backend.by_name(
+            inst, 'disk', disk_info_mapping=DISK_MAPPING['disk']).libvirt_info(
             'none', {}).to_xml()
         self.assertIn('file="%s"' % disk, xml)
         self.assertIn('type="qcow2"', xml)
@@ -249,7 +296,15 @@ class PatchTest(unittest.TestCase):
         patch = os.path.join(HERE, '..', 'nova-34.0.0-imgconv.patch')
         site = os.path.dirname(os.path.dirname(nova.__file__))
         with open(patch, 'rb') as f:
-            r = subprocess.run(['patch', '-p1', '-d', site, '--dry-run', '-R', '-s', '-f'], stdin=f,
+            r = subprocess.run(['patch',
+                                '-p1',
+                                '-d',
+                                site,
+                                '--dry-run',
+                                '-R',
+                                '-s',
+                                '-f'],
+                               stdin=f,
                                capture_output=True)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         import importlib.metadata

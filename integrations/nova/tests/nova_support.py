@@ -1,0 +1,116 @@
+"""What Nova's image backend needs outside nova-compute, shared by the Nova tests: the config parsed with no
+files, objects.register_all(), privsep run in-process (as root),
+oslo.concurrency's lock_path, a request
+context with a Keystone token, an instance object, and the driver's root-disk
+path with Nova's own download
+function spied on."""
+
+import os
+import sys
+import uuid
+from unittest import mock
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(
+    0,
+    os.path.join(
+        HERE,
+        '..',
+        '..',
+        '..',
+        'clients',
+        'python',
+        'tests'))
+
+import fixtures  # noqa: E402  (the client tests' fixtures: agent, Glance, Ceph)
+
+import nova.conf  # noqa: E402
+from nova import context as nova_context  # noqa: E402
+from nova import objects  # noqa: E402
+import nova.privsep  # noqa: E402
+from nova.virt.libvirt import driver as libvirt_driver  # noqa: E402
+from nova.virt.libvirt import imagebackend  # noqa: E402
+from nova.virt.libvirt import utils as libvirt_utils  # noqa: E402
+
+CONF = nova.conf.CONF
+DISK_MAPPING = {'disk': {'bus': 'virtio', 'dev': 'vda', 'type': 'disk'}}
+_ready = []
+
+
+def setup_nova():
+    """Once per process."""
+    if _ready:
+        return
+    CONF([], project='nova', default_config_files=[])
+    objects.register_all()
+    nova.privsep.sys_admin_pctxt.set_client_mode(False)
+    _ready.append(True)
+
+
+def configure(test, instances, **groups):
+    """instances_path, lock_path and Glance, plus `groups` ({group: {key: value}}); reset after the test."""
+    values = {
+        None: {
+            'instances_path': instances}, 'oslo_concurrency': {
+            'lock_path': os.path.join(
+                instances, 'locks')}, 'glance': {
+                    'api_servers': [
+                        fixtures.OPENSTACK['GLANCE_URL']]}}
+    values.update(groups)
+    for group, kv in values.items():
+        for k, v in kv.items():
+            CONF.set_override(k, v, group=group)
+    test.addCleanup(CONF.reset)
+
+
+def context():
+    return nova_context.RequestContext(
+        user_id='admin',
+        project_id='admin',
+        is_admin=True,
+        auth_token=fixtures.token())
+
+
+def instance(image_id, root_gb=1):
+    """An instance object as the driver gets it, with its directory made first, as the driver does."""
+    inst = objects.Instance(
+        id=1,
+        uuid=str(
+            uuid.uuid4()),
+        project_id='admin',
+        user_id='admin',
+        image_ref=image_id,
+        flavor=objects.Flavor(
+            root_gb=root_gb,
+            ephemeral_gb=0,
+            swap=0,
+            memory_mb=512,
+            vcpus=1,
+            extra_specs={}),
+        system_metadata={},
+        config_drive='',
+        task_state=None,
+        vm_state='building',
+        trusted_certs=None,
+        migration_context=None,
+        cleaned=False,
+        metadata={})
+    os.makedirs(libvirt_utils.get_instance_path(inst), exist_ok=True)
+    return inst
+
+
+def driver():
+    """A LibvirtDriver with only its image backend (no libvirt connection)."""
+    drv = libvirt_driver.LibvirtDriver.__new__(libvirt_driver.LibvirtDriver)
+    drv.image_backend = imagebackend.Backend(CONF.use_cow_images)
+    return drv
+
+
+def create_root_disk(drv, ctx, inst, image_id):
+    """The driver's own root-disk path (_create_and_inject_local_root, as spawn calls it) with Nova's
+    download function (libvirt_utils.fetch_image) spied on: (created, how often Nova fetched)."""
+    with mock.patch.object(libvirt_utils, 'fetch_image', wraps=libvirt_utils.fetch_image) as fetch:
+        created = drv._create_and_inject_local_root(
+            ctx, inst, DISK_MAPPING, False, '', {
+                'image_id': image_id, 'kernel_id': None, 'ramdisk_id': None}, None, None)
+    return created, fetch.call_count
