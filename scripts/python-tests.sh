@@ -9,10 +9,12 @@ cd "$(dirname "$0")/.."
 base=${IMGCONV_FIXTURE_DIR:-/tmp/imgconv-openstack}
 venv=$base/venv-client
 py=/usr/bin/python3
-if ! "$venv/bin/python" -c 'import jsonschema, yaml' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import jsonschema, yaml, flake8' 2>/dev/null; then
     "$py" -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check 'jsonschema==4.23.0' 'PyYAML==6.0.2'
+    "$venv/bin/pip" install -q --disable-pip-version-check 'jsonschema==4.23.0' 'PyYAML==6.0.2' 'flake8==7.1.1'
 fi
+# The Python side follows OpenStack's style (PEP 8, 79 columns: pycodestyle and pyflakes).
+"$venv/bin/python" -m flake8 clients/python integrations scripts/openapi.py --extend-exclude build,*.egg-info
 # The agent serves api/openapi.yaml from generated Swift: it must be what the YAML makes.
 "$venv/bin/python" scripts/openapi.py --check
 # Always reinstalled: the tests must run what `pip install ./clients/python` gives.

@@ -1,9 +1,8 @@
 """The imgconv agent's control API over its Unix socket (api/openapi.yaml).
 
 Standard library only. Every call opens one HTTP/1.1 connection to the socket,
-sends one request and closes it:
-the agent closes idle connections anyway, and a compute service calls it a few
-times per boot.
+sends one request and closes it: the agent closes idle connections anyway, and
+a compute service calls it a few times per boot.
 """
 
 import http.client
@@ -16,8 +15,8 @@ from imgconv_client import errors
 
 DEFAULT_SOCKET = '/run/imgconv/agent.sock'
 
-# : How long a disk build may take when the caller gives no timeout (a first
-# instance downloads and converts).
+#: How long a disk build may take when the caller gives no timeout (a first
+#: instance downloads and converts).
 DEFAULT_DISK_TIMEOUT = 1800.0
 
 
@@ -44,7 +43,9 @@ def _quote(value):
 
 
 def disk_name(instance):
-    """``<instance_uuid>_disk`` for an instance uuid; a disk name is returned as it is."""
+    """``<instance_uuid>_disk`` for an instance uuid; a disk name is returned
+    as it is.
+    """
     instance = str(instance)
     return instance if instance.endswith('_disk') else instance + '_disk'
 
@@ -61,11 +62,8 @@ class Client(object):
         tests.
     """
 
-    def __init__(
-            self,
-            socket_path=DEFAULT_SOCKET,
-            timeout=30.0,
-            response_hook=None):
+    def __init__(self, socket_path=DEFAULT_SOCKET, timeout=30.0,
+                 response_hook=None):
         self.socket_path = socket_path
         self.timeout = timeout
         self.response_hook = response_hook
@@ -76,7 +74,9 @@ class Client(object):
         return _UnixConnection(self.socket_path, timeout)
 
     def _request(self, method, path, body=None, timeout=None, ok=(200,)):
-        """One request; returns ``(status, body)`` for a status in ``ok``, raises the documented error else."""
+        """One request; returns ``(status, body)`` for a status in ``ok``,
+        raises the documented error else.
+        """
         timeout = self.timeout if timeout is None else timeout
         headers = {'Accept': 'application/json'}
         data = None
@@ -96,13 +96,13 @@ class Client(object):
                 (method, path, timeout))
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise errors.AgentUnavailable(
-                'the agent is not listening on %s (%s); is imgconv agent running?' %
-                (self.socket_path, e.strerror or e))
+                'the agent is not listening on %s (%s); is imgconv agent '
+                'running?' % (self.socket_path, e.strerror or e))
         except PermissionError as e:
             raise errors.AgentUnavailable(
-                'cannot connect to %s (%s): the socket\'s mode or group does not '
-                'allow this user' %
-                (self.socket_path, e.strerror or e))
+                'cannot connect to %s (%s): the socket\'s mode or group '
+                'does not allow this user'
+                % (self.socket_path, e.strerror or e))
         except (http.client.HTTPException, OSError) as e:
             raise errors.AgentUnavailable(
                 '%s %s: the connection to %s failed (%s)' %
@@ -137,8 +137,9 @@ class Client(object):
         cls = errors.BY_TYPE.get(error['type'])
         if cls is None:
             return errors.ProtocolError(
-                '%s %s: HTTP %d, undocumented error type %r: %s' %
-                (method, path, status, error['type'], error.get('message')), code=status)
+                '%s %s: HTTP %d, undocumented error type %r: %s'
+                % (method, path, status, error['type'], error.get('message')),
+                code=status)
         return cls(error.get('message', ''), code=status)
 
     # -- the agent
@@ -160,17 +161,19 @@ class Client(object):
         return self._request('GET', '/v1/images')[1]['images']
 
     def image(self, image_id):
-        """The cached image; raises ImageNotCached when the cache has no such image."""
+        """The cached image; raises ImageNotCached when the cache has no such
+        image.
+        """
         return self._request('GET', '/v1/images/%s' % _quote(image_id))[1]
 
     def fetch(self, image_id, wait=True, timeout=None, poll=0.2):
-        """Makes sure the image is cached (one download per image, however many ask).
+        """Makes sure the image is cached (one download per image, however many
+        ask).
 
         With ``wait`` (the default) returns the cached image once it is ready,
-        and raises FetchFailed when the
-        fetch ends in error, Timeout after ``timeout`` seconds (None: no
-        limit). Without ``wait`` returns what
-        the agent answered: the image when it is already cached, else the fetch
+        and raises FetchFailed when the fetch ends in error, Timeout after
+        ``timeout`` seconds (None: no limit). Without ``wait`` returns what the
+        agent answered: the image when it is already cached, else the fetch
         job.
         """
         started = time.monotonic()
@@ -209,11 +212,15 @@ class Client(object):
             _quote(image_id))[1]
 
     def evict(self, image_id):
-        """Removes the image from the cache; Busy while it is pinned, in use or being fetched."""
+        """Removes the image from the cache; Busy while it is pinned, in use or
+        being fetched.
+        """
         self._request('DELETE', '/v1/images/%s' % _quote(image_id), ok=(204,))
 
     def verify(self, image_id):
-        """Hashes the cached file now: ``{"image_id", "ok", "detail"}``; a corrupt file is removed."""
+        """Hashes the cached file now: ``{"image_id", "ok", "detail"}``; a
+        corrupt file is removed.
+        """
         return self._request(
             'POST', '/v1/images/%s/verify' %
             _quote(image_id), ok=(
@@ -228,7 +235,8 @@ class Client(object):
         return self._request('GET', '/v1/jobs/%s' % _quote(job_id))[1]
 
     def events(self, timeout=None):
-        """Yields every job change the agent sends (a dict per event) until the caller stops iterating.
+        """Yields every job change the agent sends (a dict per event) until the
+        caller stops iterating.
 
         ``timeout``: seconds without an event before Timeout is raised (None:
         wait for ever).
@@ -300,12 +308,12 @@ class Client(object):
             size=None,
             wait=True,
             timeout=None):
-        """Makes ``<instance_uuid>_disk`` from the image and returns the disk (with ``method``).
+        """Makes ``<instance_uuid>_disk`` from the image and returns the disk
+        (with ``method``).
 
         ``size``: the flavor's root disk in bytes (default the image's virtual
-        size). ``wait=False`` returns
-        the build's job at once. ``timeout`` (default 30 minutes) bounds a
-        waited build.
+        size). ``wait=False`` returns the build's job at once. ``timeout``
+        (default 30 minutes) bounds a waited build.
         """
         body = {'instance_uuid': str(instance_uuid), 'image_id': str(image_id)}
         if size is not None:
@@ -322,7 +330,9 @@ class Client(object):
         return self._request('GET', '/v1/disks')[1]
 
     def disk_get(self, instance):
-        """The disk of an instance (its uuid or the disk's name); DiskNotFound when there is none."""
+        """The disk of an instance (its uuid or the disk's name); DiskNotFound
+        when there is none.
+        """
         return self._request(
             'GET', '/v1/disks/%s' %
             _quote(

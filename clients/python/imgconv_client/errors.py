@@ -1,9 +1,9 @@
-"""Exceptions of the imgconv client: one class per error type the control API documents.
+"""Exceptions of the imgconv client: one class per error type the control API
+documents.
 
 The agent answers every error as ``{"error": {"code": N, "type": "...",
-"message": "..."}}``; the client raises
-the class ``BY_TYPE[type]``. The classes form a small hierarchy so that a
-caller can catch a family
+"message": "..."}}``; the client raises the class ``BY_TYPE[type]``. The
+classes form a small hierarchy so that a caller can catch a family
 (``NotFound``, ``Conflict``) or one case (``DiskNotFound``, ``Busy``).
 """
 
@@ -30,7 +30,9 @@ class ImgconvError(Exception):
 # Client-side errors: the agent did not answer as the API says it does.
 
 class AgentUnavailable(ImgconvError):
-    """The socket does not exist, refuses connections or closed the connection without an answer."""
+    """The socket does not exist, refuses connections or closed the connection
+    without an answer.
+    """
 
 
 class Timeout(ImgconvError):
@@ -38,17 +40,23 @@ class Timeout(ImgconvError):
 
 
 class ProtocolError(ImgconvError):
-    """The answer is not what the API documents (not HTTP, not JSON, an undocumented error type)."""
+    """The answer is not what the API documents (not HTTP, not JSON, an
+    undocumented error type).
+    """
 
 
 class FetchFailed(ImgconvError):
-    """A fetch the agent accepted ended in the ``error`` state; the message is the image's ``error``."""
+    """A fetch the agent accepted ended in the ``error`` state; the message is
+    the image's ``error``.
+    """
 
 
 # Errors the API documents (components/schemas/ErrorType).
 
 class InvalidRequest(ImgconvError):
-    """A path, query or body field is malformed or out of range; the message names it."""
+    """A path, query or body field is malformed or out of range; the message
+    names it.
+    """
     type = 'invalid_request'
 
 
@@ -101,7 +109,9 @@ class ImageNotActive(Conflict):
 
 
 class UnsafeImage(ImgconvError):
-    """The image failed inspection (backing file, data file, host-path extent, not the declared format)."""
+    """The image failed inspection (backing file, data file, host-path extent,
+    not the declared format).
+    """
     type = 'unsafe_image'
 
 

@@ -1,11 +1,10 @@
-"""Checks real answers of a running agent against its OpenAPI document (JSON Schema 2020-12, jsonschema).
+"""Checks real answers of a running agent against its OpenAPI document (JSON
+Schema 2020-12, jsonschema).
 
 A ``Recorder`` is the client's response hook: every answer is matched to its
-operation (method and path
-template) and status in the document, and a JSON body is validated against that
-response's schema. What was
-exercised is kept, so a test can require that every documented operation was
-called.
+operation (method and path template) and status in the document, and a JSON
+body is validated against that response's schema. What was exercised is kept,
+so a test can require that every documented operation was called.
 """
 
 import re
@@ -31,15 +30,17 @@ class Recorder(object):
                 re.sub(r'\\\{[^/]+?\\\}', '[^/]+', re.escape(template)) + '$'
             for method in METHODS:
                 if method in item:
-                    self._routes.append(
-                        (method.upper(), re.compile(pattern), template, item[method]))
+                    self._routes.append((method.upper(), re.compile(pattern),
+                                         template, item[method]))
 
     def operations(self):
         """Every (METHOD, template) the document lists."""
         return {(m, t) for m, _, t, _ in self._routes}
 
     def _resolve(self, node):
-        """A response object, through its $ref (#/components/responses/...) if it has one."""
+        """A response object, through its $ref (#/components/responses/...) if
+        it has one.
+        """
         if '$ref' in node:
             target = self.document
             for part in node['$ref'][2:].split('/'):
@@ -90,8 +91,10 @@ class Recorder(object):
         try:
             jsonschema.Draft202012Validator(wrapped).validate(body)
         except jsonschema.ValidationError as e:
-            self.problems.append('%s %s: HTTP %d body does not match its schema: %s at %s' % (
-                method, template, status, e.message, '/'.join(map(str, e.absolute_path))))
+            where = '/'.join(map(str, e.absolute_path))
+            self.problems.append(
+                '%s %s: HTTP %d body does not match its schema: %s at %s'
+                % (method, template, status, e.message, where))
 
     def check(self):
         if self.problems:

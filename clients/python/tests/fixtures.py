@@ -1,13 +1,11 @@
-"""The real parts the client's tests use: the imgconv binary, the Keystone + Glance fixture and the Ceph test
-cluster that scripts/test.sh starts (scripts/openstack-fixture.sh,
-scripts/ceph-cluster.sh).
+"""The real parts the client's tests use: the imgconv binary, the Keystone +
+Glance fixture and the Ceph test cluster that scripts/test.sh starts
+(scripts/openstack-fixture.sh, scripts/ceph-cluster.sh).
 
 IMGCONV_BINARY: the agent (default .build/debug/imgconv); IMGCONV_FIXTURE_DIR:
-the Glance fixture
-(/tmp/imgconv-openstack); IMGCONV_CEPH_ENV: the cluster's env file
-(/tmp/imgconv-ceph/env).
-IMGCONV_REQUIRE_OPENSTACK=1 / IMGCONV_REQUIRE_CEPH=1 make a missing service an
-error, not a skip.
+the Glance fixture (/tmp/imgconv-openstack); IMGCONV_CEPH_ENV: the cluster's
+env file (/tmp/imgconv-ceph/env). IMGCONV_REQUIRE_OPENSTACK=1 /
+IMGCONV_REQUIRE_CEPH=1 make a missing service an error, not a skip.
 """
 
 import json
@@ -61,7 +59,8 @@ if OPENSTACK.get('GLANCE_URL') and not _answers(
     OPENSTACK = {}
 if not OPENSTACK and os.environ.get('IMGCONV_REQUIRE_OPENSTACK') == '1':
     raise RuntimeError(
-        'IMGCONV_REQUIRE_OPENSTACK=1 but Glance is not answering: run scripts/openstack-fixture.sh start')
+        'IMGCONV_REQUIRE_OPENSTACK=1 but Glance is not answering: run '
+        'scripts/openstack-fixture.sh start')
 
 CEPH = read_env(os.environ.get('IMGCONV_CEPH_ENV', '/tmp/imgconv-ceph/env'))
 if CEPH and subprocess.call(['ceph',
@@ -79,7 +78,8 @@ if CEPH and subprocess.call(['ceph',
     CEPH = {}
 if not CEPH and os.environ.get('IMGCONV_REQUIRE_CEPH') == '1':
     raise RuntimeError(
-        'IMGCONV_REQUIRE_CEPH=1 but the Ceph test cluster is not answering: run scripts/ceph-cluster.sh start')
+        'IMGCONV_REQUIRE_CEPH=1 but the Ceph test cluster is not answering: '
+        'run scripts/ceph-cluster.sh start')
 
 
 def binary():
@@ -101,16 +101,12 @@ def token(user='admin', password='secret', project='admin'):
     key = (user, project)
     if key in _token and time.time() - _token[key][1] < 1800:
         return _token[key][0]
-    body = {
-        'auth': {
-            'identity': {
-                'methods': ['password'], 'password': {
-                    'user': {
-                        'name': user, 'domain': {
-                            'id': 'default'}, 'password': password}}}, 'scope': {
-                'project': {
-                    'name': project, 'domain': {
-                        'id': 'default'}}}}}
+    domain = {'id': 'default'}
+    body = {'auth': {
+        'identity': {'methods': ['password'],
+                     'password': {'user': {'name': user, 'domain': domain,
+                                           'password': password}}},
+        'scope': {'project': {'name': project, 'domain': domain}}}}
     req = urllib.request.Request(
         OPENSTACK['KEYSTONE_URL'] +
         '/auth/tokens',
@@ -125,7 +121,9 @@ def token(user='admin', password='secret', project='admin'):
 
 
 def glance(method, path, body=None, data=None, headers=None, retries=4):
-    """A call to Glance as admin: (status, parsed JSON or None). 5xx (the fixture's sqlite) are retried."""
+    """A call to Glance as admin: (status, parsed JSON or None). 5xx (the
+    fixture's sqlite) are retried.
+    """
     h = {'X-Auth-Token': token()}
     h.update(headers or {})
     payload = None
@@ -162,9 +160,9 @@ def create_image(
         name='imgconv-client-test',
         store=None):
     """A Glance image with these bytes; returns its id."""
-    status, image = glance(
-        'POST', '/v2/images', body={
-            'name': name, 'disk_format': disk_format, 'container_format': 'bare'})
+    status, image = glance('POST', '/v2/images', body={
+        'name': name, 'disk_format': disk_format,
+        'container_format': 'bare'})
     assert status == 201, (status, image)
     headers = {'X-Image-Meta-Store': store} if store else {}
     status, err = glance(
@@ -179,7 +177,9 @@ def delete_image(image_id):
 
 
 def test_bytes(size, seed):
-    """Data that neither compresses nor is zero, except a zero hole in the middle."""
+    """Data that neither compresses nor is zero, except a zero hole in the
+    middle.
+    """
     import random
     rnd = random.Random(seed)
     out = bytearray(rnd.getrandbits(8) for _ in range(min(size, 1 << 16)))
@@ -219,7 +219,9 @@ def export(spec):
 # -- the agent
 
 class Agent(object):
-    """An imgconv agent in a temporary directory, on the fixture's Glance (and the test cluster with rbd=True)."""
+    """An imgconv agent in a temporary directory, on the fixture's Glance (and
+    the test cluster with rbd=True).
+    """
 
     def __init__(self, rbd=False, sections=None):
         self.dir = tempfile.mkdtemp(prefix='imgconv-pyagent-')

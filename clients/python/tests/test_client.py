@@ -1,5 +1,7 @@
-"""The Python client against a real agent on the real Glance (and Ceph): every call, every documented error
-class the fixtures can provoke, and every answer validated against the agent's own OpenAPI document."""
+"""The Python client against a real agent on the real Glance (and Ceph): every
+call, every documented error class the fixtures can provoke, and every answer
+validated against the agent's own OpenAPI document.
+"""
 
 import hashlib
 import os
@@ -15,8 +17,8 @@ import contract
 import fixtures
 
 
-@unittest.skipUnless(fixtures.OPENSTACK,
-                     'the Glance fixture is not running (scripts/openstack-fixture.sh start)')
+@unittest.skipUnless(fixtures.OPENSTACK, 'the Glance fixture is not running '
+                     '(scripts/openstack-fixture.sh start)')
 class ClientTest(unittest.TestCase):
     """One agent for the class; each test makes its own images and disks."""
 
@@ -53,9 +55,8 @@ class ClientTest(unittest.TestCase):
         self.assertIn('imgconv_', self.client.metrics())
         self.assertEqual(self.document['openapi'], '3.1.0')
         enum = set(self.document['components']['schemas']['ErrorType']['enum'])
-        self.assertEqual(
-            enum, set(
-                errors.BY_TYPE), 'the client has one exception class per documented error type')
+        self.assertEqual(enum, set(errors.BY_TYPE), 'the client has one '
+                         'exception class per documented error type')
 
     def test_fetch_pin_evict_verify(self):
         data = fixtures.test_bytes(3 << 20, seed=11)
@@ -116,10 +117,10 @@ class ClientTest(unittest.TestCase):
 
     def test_a_hostile_image_fails_the_fetch(self):
         # A qcow2 registered as raw (CVE-2024-40767): Glance accepts it, the
-        # agent inspects and refuses it and
-        # never makes it ready. (Glance 33 itself refuses a qcow2 with a
-        # backing file at upload.)
-        with open(os.path.join(fixtures.REPO, 'samples', 'qcow2-v3.qcow2'), 'rb') as f:
+        # agent inspects and refuses it and never makes it ready. (Glance 33
+        # itself refuses a qcow2 with a backing file at upload.)
+        sample = os.path.join(fixtures.REPO, 'samples', 'qcow2-v3.qcow2')
+        with open(sample, 'rb') as f:
             image_id = self.image_with(f.read(), disk_format='raw')
         with self.assertRaises(errors.FetchFailed) as cm:
             self.client.fetch(image_id, timeout=120)
@@ -154,8 +155,7 @@ class ClientTest(unittest.TestCase):
             self.client.collect_bases,
             idle=-1)
         # What the client itself never sends: an unknown route (not in the
-        # document: no recorder), a body
-        # over 64 KiB.
+        # document: no recorder), a body over 64 KiB.
         self.assertRaises(
             errors.NotFound,
             Client(
@@ -307,8 +307,9 @@ class UnixConnectionTest(unittest.TestCase):
         def serve():
             conn, _ = server.accept()
             got.append(conn.recv(65536))
-            conn.sendall(
-                b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}')
+            conn.sendall(b'HTTP/1.1 200 OK\r\n'
+                         b'Content-Type: application/json\r\n'
+                         b'Content-Length: 2\r\n\r\n{}')
             conn.close()
 
         t = threading.Thread(target=serve, daemon=True)
@@ -327,16 +328,12 @@ class UnixConnectionTest(unittest.TestCase):
     def test_an_answer_without_the_error_body_is_a_protocol_error(self):
         e = Client._error(500, 'oops', 'GET', '/x')
         self.assertIsInstance(e, errors.ProtocolError)
-        e = Client._error(
-            409, {
-                'error': {
-                    'code': 409, 'type': 'busy', 'message': 'in use'}}, 'GET', '/x')
+        busy = {'error': {'code': 409, 'type': 'busy', 'message': 'in use'}}
+        e = Client._error(409, busy, 'GET', '/x')
         self.assertIsInstance(e, errors.Busy)
         self.assertIsInstance(e, errors.Conflict)
-        e = Client._error(
-            418, {
-                'error': {
-                    'code': 418, 'type': 'teapot', 'message': '?'}}, 'GET', '/x')
+        teapot = {'error': {'code': 418, 'type': 'teapot', 'message': '?'}}
+        e = Client._error(418, teapot, 'GET', '/x')
         self.assertIsInstance(e, errors.ProtocolError)
 
 

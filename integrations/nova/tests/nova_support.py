@@ -1,9 +1,9 @@
-"""What Nova's image backend needs outside nova-compute, shared by the Nova tests: the config parsed with no
-files, objects.register_all(), privsep run in-process (as root),
-oslo.concurrency's lock_path, a request
-context with a Keystone token, an instance object, and the driver's root-disk
-path with Nova's own download
-function spied on."""
+"""What Nova's image backend needs outside nova-compute, shared by the Nova
+tests: the config parsed with no files, objects.register_all(), privsep run
+in-process (as root), oslo.concurrency's lock_path, a request context with a
+Keystone token, an instance object, and the driver's root-disk path with Nova's
+own download function spied on.
+"""
 
 import os
 import sys
@@ -22,7 +22,8 @@ sys.path.insert(
         'python',
         'tests'))
 
-import fixtures  # noqa: E402  (the client tests' fixtures: agent, Glance, Ceph)
+# The client tests' fixtures: the agent, Glance, Ceph.
+import fixtures  # noqa: E402
 
 import nova.conf  # noqa: E402
 from nova import context as nova_context  # noqa: E402
@@ -48,7 +49,9 @@ def setup_nova():
 
 
 def configure(test, instances, **groups):
-    """instances_path, lock_path and Glance, plus `groups` ({group: {key: value}}); reset after the test."""
+    """instances_path, lock_path and Glance, plus `groups` ({group: {key:
+    value}}); reset after the test.
+    """
     values = {
         None: {
             'instances_path': instances}, 'oslo_concurrency': {
@@ -72,7 +75,9 @@ def context():
 
 
 def instance(image_id, root_gb=1):
-    """An instance object as the driver gets it, with its directory made first, as the driver does."""
+    """An instance object as the driver gets it, with its directory made first,
+    as the driver does.
+    """
     inst = objects.Instance(
         id=1,
         uuid=str(
@@ -107,10 +112,13 @@ def driver():
 
 
 def create_root_disk(drv, ctx, inst, image_id):
-    """The driver's own root-disk path (_create_and_inject_local_root, as spawn calls it) with Nova's
-    download function (libvirt_utils.fetch_image) spied on: (created, how often Nova fetched)."""
-    with mock.patch.object(libvirt_utils, 'fetch_image', wraps=libvirt_utils.fetch_image) as fetch:
+    """The driver's own root-disk path (_create_and_inject_local_root, as spawn
+    calls it) with Nova's download function (libvirt_utils.fetch_image) spied
+    on: (created, how often Nova fetched).
+    """
+    disk_images = {'image_id': image_id, 'kernel_id': None, 'ramdisk_id': None}
+    with mock.patch.object(libvirt_utils, 'fetch_image',
+                           wraps=libvirt_utils.fetch_image) as fetch:
         created = drv._create_and_inject_local_root(
-            ctx, inst, DISK_MAPPING, False, '', {
-                'image_id': image_id, 'kernel_id': None, 'ramdisk_id': None}, None, None)
+            ctx, inst, DISK_MAPPING, False, '', disk_images, None, None)
     return created, fetch.call_count

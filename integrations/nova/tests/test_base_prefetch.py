@@ -1,12 +1,10 @@
-"""Prefetch into Nova's _base with no patch at all: the agent's [cache] is Nova's image cache directory
-(layout = nova: files named sha1(image id); force_raw = true: raw, as
-force_raw_images makes them). Nova's
-unmodified Qcow2 and Flat backends (images_type = qcow2 / flat: the patch
-changes nothing there) find the
-agent's files and never download; Nova's own ImageCacheManager deletes an
-unused base behind the agent's
-back, and the agent notices: the image goes to `missing`, and a pinned one is
-fetched again.
+"""Prefetch into Nova's _base with no patch at all: the agent's [cache] is
+Nova's image cache directory (layout = nova: files named sha1(image id);
+force_raw = true: raw, as force_raw_images makes them). Nova's unmodified Qcow2
+and Flat backends (images_type = qcow2 / flat: the patch changes nothing there)
+find the agent's files and never download; Nova's own ImageCacheManager deletes
+an unused base behind the agent's back, and the agent notices: the image goes
+to `missing`, and a pinned one is fetched again.
 """
 
 import os
@@ -63,7 +61,9 @@ class BasePrefetchTest(unittest.TestCase):
         self.context = nova_support.context()
 
     def qcow2_image(self, seed):
-        """A qcow2 image in Glance (made by qemu-img, the test oracle) and its raw content."""
+        """A qcow2 image in Glance (made by qemu-img, the test oracle) and its
+        raw content.
+        """
         raw = fixtures.test_bytes((3 << 20) + 4096, seed=seed)
         work = tempfile.mkdtemp(prefix='imgconv-nova-img-')
         try:
@@ -164,7 +164,8 @@ class BasePrefetchTest(unittest.TestCase):
         manager = imagecache.ImageCacheManager()
         # The one database call of update(): the block devices of the node's
         # instances (there are none).
-        with mock.patch.object(objects.BlockDeviceMappingList, 'bdms_by_instance_uuid', return_value={}):
+        with mock.patch.object(objects.BlockDeviceMappingList,
+                               'bdms_by_instance_uuid', return_value={}):
             manager.update(self.context, [])
         self.assertFalse(any(os.path.exists(p)
                          for p in paths.values()), 'Nova removed nothing')
@@ -175,8 +176,8 @@ class BasePrefetchTest(unittest.TestCase):
         while time.time() < deadline:
             states = {i: self.client.image(i)['state']
                       for i in (pinned, plain)}
-            if states[plain] == 'missing' and states[pinned] == 'ready' and os.path.exists(
-                    paths[pinned]):
+            if (states[plain] == 'missing' and states[pinned] == 'ready' and
+                    os.path.exists(paths[pinned])):
                 break
             time.sleep(0.2)
         self.assertEqual(states, {pinned: 'ready', plain: 'missing'})

@@ -1,16 +1,13 @@
-"""images_type = imgconv on Nova 34.0.0's own code: the libvirt driver's real root-disk path
-(LibvirtDriver._create_and_inject_local_root -> Backend.by_name -> Image.cache
--> create_image -> clone),
-libvirt_info, the driver's rbd clean-up and cache_image, against a real agent,
-the Glance fixture and Ceph.
+"""images_type = imgconv on Nova 34.0.0's own code: the libvirt driver's real
+root-disk path (LibvirtDriver._create_and_inject_local_root -> Backend.by_name
+-> Image.cache -> create_image -> clone), libvirt_info, the driver's rbd
+clean-up and cache_image, against a real agent, the Glance fixture and Ceph.
 
 Set-up Nova's image backend needs outside nova-compute, all of it here: the
-config parsed with no files
-and the options set below, objects.register_all(), oslo.concurrency's
-lock_path, privsep run in-process
-(as root: nova.privsep.sys_admin_pctxt.set_client_mode(False)), and the
-instance directory made first, as
-the driver does.
+config parsed with no files and the options set below, objects.register_all(),
+oslo.concurrency's lock_path, privsep run in-process (as root:
+nova.privsep.sys_admin_pctxt.set_client_mode(False)), and the instance
+directory made first, as the driver does.
 """
 
 import os
@@ -60,13 +57,17 @@ class NovaBackendTest(unittest.TestCase):
             fixtures.delete_image(image_id)
 
     def setUp(self):
-        nova_support.configure(self, self.instances, libvirt={
-            'images_type': 'imgconv', 'images_rbd_pool': 'vms', 'images_rbd_ceph_conf': fixtures.CEPH['CEPH_CONF'],
+        libvirt = {
+            'images_type': 'imgconv', 'images_rbd_pool': 'vms',
+            'images_rbd_ceph_conf': fixtures.CEPH['CEPH_CONF'],
             'rbd_user': fixtures.CEPH.get('CEPH_USER', 'imgconv'),
-            # libvirt's secret for the cephx key, as every rbd deployment sets
-            # it
-            'rbd_secret_uuid': '7e3ee9d6-6d2d-4cf4-9a52-3f6c2b9a1c01'},
-            imgconv={'socket_path': self.agent.socket, 'fallback': 'fail', 'disk_type': 'rbd', 'timeout': 300})
+            # libvirt's secret for the cephx key, as every rbd deployment
+            # sets it
+            'rbd_secret_uuid': '7e3ee9d6-6d2d-4cf4-9a52-3f6c2b9a1c01'}
+        imgconv = {'socket_path': self.agent.socket, 'fallback': 'fail',
+                   'disk_type': 'rbd', 'timeout': 300}
+        nova_support.configure(self, self.instances, libvirt=libvirt,
+                               imgconv=imgconv)
         self.context = nova_support.context()
 
     def image(self, size=(6 << 20) + 4096, seed=31):
@@ -152,8 +153,7 @@ class NovaBackendTest(unittest.TestCase):
         self.assertFalse(created)
 
         # Deleting the instances through the driver's rbd clean-up removes the
-        # disks, and the agent's GC then
-        # finds the base unused.
+        # disks, and the agent's GC then finds the base unused.
         for inst in (first, second):
             self.remove(drv, inst)
         self.assertEqual(
@@ -211,7 +211,8 @@ class NovaBackendTest(unittest.TestCase):
         # /os-aggregates/{id}/images) calls on each node.
         image_id, data = self.image(size=2 << 20, seed=34)
         drv = self.driver()
-        with mock.patch.object(libvirt_driver.images, 'fetch_to_raw') as nova_fetch:
+        with mock.patch.object(libvirt_driver.images,
+                               'fetch_to_raw') as nova_fetch:
             self.assertTrue(drv.cache_image(self.context, image_id))
             self.assertFalse(
                 drv.cache_image(
@@ -227,8 +228,10 @@ class NovaBackendTest(unittest.TestCase):
 
 
 class NovaQcow2BackendTest(NovaBackendTest):
-    """disk_type = qcow2 (no Ceph): the agent makes the qcow2 overlay <instances_path>/<uuid>/disk on its raw
-    base, where Nova's Qcow2 backend would have put it."""
+    """disk_type = qcow2 (no Ceph): the agent makes the qcow2 overlay
+    <instances_path>/<uuid>/disk on its raw base, where Nova's Qcow2 backend
+    would have put it.
+    """
 
     @classmethod
     def setUpClass(cls):

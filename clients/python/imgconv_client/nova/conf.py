@@ -16,7 +16,8 @@ imgconv_opts = [
     cfg.StrOpt(
         'socket_path',
         default='/run/imgconv/agent.sock',
-        help='The agent\'s control socket ([agent] socket_path in its config).'),
+        help='The agent\'s control socket ([agent] socket_path in its '
+             'config).'),
     cfg.FloatOpt(
         'timeout',
         default=1800.0,
