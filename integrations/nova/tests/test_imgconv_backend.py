@@ -162,6 +162,51 @@ class NovaBackendTest(unittest.TestCase):
                 'imgconv-base-%s' %
                 image_id])
 
+    def test_novas_rbd_operations_work_on_the_agents_disk(self):
+        # What resize, resize-revert, unshelve and rescue do with the root
+        # disk, through Nova's Rbd code on the disk the agent made.
+        image_id, data = self.image(size=(2 << 20) + 4096, seed=36)
+        drv = self.driver()
+        inst = self.instance(image_id)
+        self.create_root_disk(drv, inst, image_id)
+        disk = drv.image_backend.by_name(
+            inst, 'disk', disk_info_mapping=DISK_MAPPING['disk'])
+        self.assertEqual(disk.get_disk_size(disk.path), 1 << 30)
+        # resize: Nova grows the disk (Rbd.resize_image).
+        disk.resize_image(2 << 30)
+        self.assertEqual(disk.get_disk_size(disk.path), 2 << 30)
+        # resize-revert: a snapshot before, a rollback after.
+        disk.create_snap(libvirt_utils.RESIZE_SNAPSHOT_NAME)
+        fixtures.rbd('resize', '--no-progress', '--size', '3G',
+                     'vms/%s_disk' % inst.uuid)
+        disk.rollback_to_snap(libvirt_utils.RESIZE_SNAPSHOT_NAME)
+        disk.remove_snap(libvirt_utils.RESIZE_SNAPSHOT_NAME)
+        self.assertEqual(disk.get_disk_size(disk.path), 2 << 30)
+        # unshelve / cross-cell: flatten (the disk no longer needs its base).
+        disk.flatten()
+        self.assertNotIn('parent', Client(self.agent.socket).disk_get(
+            inst.uuid))
+        self.assertEqual(fixtures.export(
+            'vms/%s_disk' % inst.uuid)[:len(data)], data)
+        # rescue: disk.rescue is Nova's own (only the root disk is the
+        # agent's): Nova's path makes it.
+        mapping = dict(DISK_MAPPING, **{'disk.rescue': DISK_MAPPING['disk']})
+        with mock.patch.object(libvirt_utils, 'fetch_image',
+                               wraps=libvirt_utils.fetch_image) as fetch:
+            drv._create_and_inject_local_root(
+                self.context, inst, mapping, False, '.rescue',
+                {'image_id': image_id}, None, None)
+        self.assertEqual(fetch.call_count, 1)
+        self.assertEqual(fixtures.export(
+            'vms/%s_disk.rescue' % inst.uuid)[:len(data)], data)
+        self.remove(drv, inst)
+        self.assertRaises(subprocess.CalledProcessError, fixtures.rbd,
+                          'info', 'vms/%s_disk.rescue' % inst.uuid)
+        base = os.path.join(self.instances, '_base',
+                            imagecache.get_cache_fname(image_id))
+        if os.path.exists(base):
+            os.unlink(base)
+
     def test_agent_down_fallback_nova_boots_through_novas_path(self):
         image_id, data = self.image(seed=32)
         CONF.set_override(
@@ -289,6 +334,9 @@ class NovaQcow2BackendTest(NovaBackendTest):
 
     def test_agent_down_fallback_nova_boots_through_novas_path(self):
         self.skipTest('the rbd case covers the fallback')
+
+    def test_novas_rbd_operations_work_on_the_agents_disk(self):
+        self.skipTest('rbd only')
 
     def test_cache_image_asks_the_agent(self):
         self.skipTest('the rbd case covers cache_image')
