@@ -6,7 +6,9 @@ own download function spied on.
 """
 
 import os
+import shutil
 import sys
+import unittest
 import uuid
 from unittest import mock
 
@@ -122,3 +124,21 @@ def create_root_disk(drv, ctx, inst, image_id):
         created = drv._create_and_inject_local_root(
             ctx, inst, DISK_MAPPING, False, '', disk_images, None, None)
     return created, fetch.call_count
+
+
+class AgentTestCase(unittest.TestCase):
+    """A test class with one agent (cls.agent), an instances directory
+    (cls.instances) and the Glance images its tests make (cls.images), all
+    removed after the class."""
+
+    agent = None
+    instances = None
+    images = []
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.agent is not None:
+            cls.agent.close()
+        shutil.rmtree(cls.instances, ignore_errors=True)
+        for image_id in cls.images:
+            fixtures.delete_image(image_id)

@@ -33,7 +33,7 @@ def setUpModule():
     nova_support.setup_nova()
 
 
-class BasePrefetchTest(unittest.TestCase):
+class BasePrefetchTest(nova_support.AgentTestCase):
 
     @classmethod
     def setUpClass(cls):
@@ -48,13 +48,6 @@ class BasePrefetchTest(unittest.TestCase):
                     'check_interval': '1s'}}).start()
         cls.client = Client(cls.agent.socket, timeout=60)
         cls.images = []
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.agent.close()
-        shutil.rmtree(cls.instances, ignore_errors=True)
-        for image_id in cls.images:
-            fixtures.delete_image(image_id)
 
     def setUp(self):
         nova_support.configure(self, self.instances)

@@ -11,7 +11,6 @@ directory made first, as the driver does.
 """
 
 import os
-import shutil
 import subprocess
 import tempfile
 import unittest
@@ -41,20 +40,13 @@ def setUpModule():
     nova_support.setup_nova()
 
 
-class NovaBackendTest(unittest.TestCase):
+class NovaBackendTest(nova_support.AgentTestCase):
 
     @classmethod
     def setUpClass(cls):
         cls.agent = fixtures.Agent(rbd=True).start()
         cls.instances = tempfile.mkdtemp(prefix='imgconv-nova-instances-')
         cls.images = []
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.agent.close()
-        shutil.rmtree(cls.instances, ignore_errors=True)
-        for image_id in cls.images:
-            fixtures.delete_image(image_id)
 
     def setUp(self):
         libvirt = {
