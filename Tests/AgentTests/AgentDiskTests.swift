@@ -79,6 +79,68 @@ struct AgentDiskTests {
         #expect(try !rbdImages().contains("imgconv-base-\(id)"))
     }
 
+    /// Disks for one image from `n` agents at once: one answer per agent, every one a 201.
+    func fleetCreates(_ agents: [AgentProcess], _ id: String) async throws -> [[String: Any]] {
+        let raws = try await withThrowingTaskGroup(of: (Int, Data).self) { g in
+            for a in agents {
+                let call = onThread {
+                    let (s, o) = try a.request("POST", "/v1/disks", json: self.body(UUID().uuidString.lowercased(), id), timeout: 600)
+                    return (s, (try? JSONSerialization.data(withJSONObject: o ?? [:])) ?? Data())
+                }
+                g.addTask { try await call.value }
+            }
+            return try await g.reduce(into: [(Int, Data)]()) { $0.append($1) }
+        }
+        #expect(raws.allSatisfy { $0.0 == 201 }, "\(raws.map { String(decoding: $0.1, as: UTF8.self) })")
+        return raws.map { (try? JSONSerialization.jsonObject(with: $0.1)) as? [String: Any] ?? [:] }
+    }
+
+    /// A fleet of compute nodes (IMGCONV_FLEET_N agent processes, 8 by default; bench/fleet.sh runs more) asked
+    /// at the same moment for a disk of a qcow2 image none has: exactly one base is built, Glance serves the
+    /// image once, every disk reads the image's bytes, no agent logs an error. Then a second image, while the
+    /// first one's base is being collected.
+    @Test func aFleetOfAgentsMakesOneBaseFromOneGlanceRead() async throws {
+        let n = Int(ProcessInfo.processInfo.environment["IMGCONV_FLEET_N"] ?? "") ?? 8
+        let dir = NSTemporaryDirectory() + "imgconv-fleet-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (qcow2, raw) = try qcow2Image(mib: 24, seed: 23, dir: dir)
+        let first = try await OpenStack.createImage(qcow2, diskFormat: "qcow2", name: "fleet-1")["id"] as! String
+        let (qcow2b, rawb) = try qcow2Image(mib: 16, seed: 24, dir: dir)
+        let second = try await OpenStack.createImage(qcow2b, diskFormat: "qcow2", name: "fleet-2")["id"] as! String
+        defer { Task { await OpenStack.deleteImage(first); await OpenStack.deleteImage(second) } }
+        let agents = try (0..<n).map { _ in try rbdAgent() }
+        defer { for a in agents { a.stop() } }
+
+        let disks = try await fleetCreates(agents, first)
+        let methods = disks.map { $0["method"] as? String ?? "" }
+        #expect(methods.filter { $0 == "base-built" }.count == 1, "\(methods)")
+        #expect(methods.filter { $0 == "base-reused" }.count == n - 1, "\(methods)")
+        #expect(Set(disks.compactMap { $0["parent"] as? String }) == ["vms/imgconv-base-\(first)@imgconv"])
+        #expect(OpenStack.fileRequests(first) == 1, "Glance served the image more than once")
+        for d in disks.prefix(3) { #expect(try exported(d["location"] as! String, dir) == raw) }
+
+        // The first image's disks go; its base is collected while the fleet builds the second image.
+        for (a, d) in zip(agents, disks) { #expect(try a.request("DELETE", "/v1/disks/\(d["name"] as! String)").0 == 204) }
+        let gc = onThread { () -> (Int, [String]) in
+            let (s, o) = try agents[0].request("POST", "/v1/bases/gc?idle=0&image=\(first)")
+            return (s, (o as? [String: Any])?["removed"] as? [String] ?? [])
+        }
+        let more = try await fleetCreates(agents, second)
+        let (gcStatus, removed) = try await gc.value
+        #expect(gcStatus == 200 && removed == ["imgconv-base-\(first)"], "\(removed)")
+        #expect(more.map { $0["method"] as? String ?? "" }.filter { $0 == "base-built" }.count == 1)
+        #expect(OpenStack.fileRequests(second) == 1)
+        #expect(try exported(more[0]["location"] as! String, dir) == rawb)
+
+        for a in agents {
+            let errors = a.log().split(separator: "\n").filter { $0.contains("+0000 error ") || $0.contains("+0000 critical ") }
+            #expect(errors.isEmpty, "\(errors)")
+        }
+        for (a, d) in zip(agents, more) { _ = try a.request("DELETE", "/v1/disks/\(d["name"] as! String)") }
+        _ = try agents[0].request("POST", "/v1/bases/gc?idle=0&image=\(second)")
+    }
+
     @Test func killedImporterIsTakenOver() async throws {
         let dir = NSTemporaryDirectory() + "imgconv-kill-\(UUID().uuidString.prefix(6))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
