@@ -44,24 +44,13 @@ struct AgentDiskTests {
         let agents = try (0..<3).map { _ in try rbdAgent() }
         defer { for a in agents { a.stop() } }
 
-        let raws = try await withThrowingTaskGroup(of: (Int, Data).self) { g in
-            for a in agents {
-                let call = onThread {
-                    let (s, o) = try a.request("POST", "/v1/disks", json: self.body(UUID().uuidString.lowercased(), id), timeout: 300)
-                    return (s, (try? JSONSerialization.data(withJSONObject: o ?? [:])) ?? Data())
-                }
-                g.addTask { try await call.value }
-            }
-            return try await g.reduce(into: [(Int, Data)]()) { $0.append($1) }
-        }
-        let answers = raws.map { ($0.0, (try? JSONSerialization.jsonObject(with: $0.1)) as? [String: Any] ?? [:]) }
-        #expect(answers.allSatisfy { $0.0 == 201 }, "\(answers)")
-        let methods = answers.map { $0.1["method"] as? String ?? "" }
+        let answers = try await fleetCreates(agents, id)   // every one a 201
+        let methods = answers.map { $0["method"] as? String ?? "" }
         #expect(methods.filter { $0 == "base-built" }.count == 1, "\(methods)")
         #expect(methods.filter { $0 == "base-reused" }.count == 2, "\(methods)")
         // Only the builder downloaded: one GET of the data for three instances on three nodes.
         #expect(OpenStack.fileRequests(id) == 1)
-        for (_, o) in answers { #expect(try exported(o["location"] as! String, dir) == raw) }
+        for o in answers { #expect(try exported(o["location"] as! String, dir) == raw) }
 
         let metrics = try shell(["curl", "-s", "--unix-socket", agents[0].socket, "http://agent/metrics"]).out
             + (try shell(["curl", "-s", "--unix-socket", agents[1].socket, "http://agent/metrics"]).out)
@@ -70,8 +59,8 @@ struct AgentDiskTests {
         let (ls, listed) = try agents[1].request("GET", "/v1/disks")
         #expect(ls == 200)
         let names = ((listed as? [String: Any])?["disks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
-        for (_, o) in answers { #expect(names.contains(o["name"] as! String)) }
-        for (_, o) in answers { #expect(try agents[2].request("DELETE", "/v1/disks/\(o["name"] as! String)").0 == 204) }
+        for o in answers { #expect(names.contains(o["name"] as! String)) }
+        for o in answers { #expect(try agents[2].request("DELETE", "/v1/disks/\(o["name"] as! String)").0 == 204) }
         // Each test names its own image, so no other test's GC (they share the pool) takes this base's lease.
         let (gc, removed) = try agents[0].request("POST", "/v1/bases/gc?idle=0&image=\(id)")
         #expect(gc == 200)

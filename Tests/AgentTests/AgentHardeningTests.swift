@@ -76,7 +76,8 @@ struct AgentHardeningTests {
         for (section, key, value) in [("disks", "gc_interval", "1e300"), ("agent", "idle_timeout", "0"),
                                       ("rbd", "lease", "1"), ("prefetch", "interval", "99999999999999999999d"),
                                       ("cache", "max_size", "9999P"), ("disks", "max_size", "65T"),
-                                      ("agent", "max_connections_per_uid", "0"), ("cache", "scrub_interval", "1s")] {
+                                      ("agent", "max_connections_per_uid", "0"), ("cache", "scrub_interval", "1s"),
+                                      ("cache", "check_interval", "0.5s")] {
             let a = try AgentProcess([section: [key: value]])
             try a.start(waitForHealth: false)
             let status = a.waitForExit(seconds: 20)

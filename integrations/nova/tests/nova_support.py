@@ -7,6 +7,7 @@ own download function spied on.
 
 import os
 import shutil
+import subprocess
 import sys
 import unittest
 import uuid
@@ -124,6 +125,24 @@ def create_root_disk(drv, ctx, inst, image_id):
         created = drv._create_and_inject_local_root(
             ctx, inst, DISK_MAPPING, False, '', disk_images, None, None)
     return created, fetch.call_count
+
+
+def qemu_img_info(path):
+    """`qemu-img info --output=json` of a disk (the test oracle), as text."""
+    return subprocess.run(['qemu-img', 'info', '--output=json', path],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def raw_of(path):
+    """A disk's content as raw bytes, converted by qemu-img (the oracle)."""
+    out = path + '.check.raw'
+    subprocess.run(['qemu-img', 'convert', '-O', 'raw', path, out],
+                   check=True)
+    try:
+        with open(out, 'rb') as f:
+            return f.read()
+    finally:
+        os.unlink(out)
 
 
 class AgentTestCase(unittest.TestCase):

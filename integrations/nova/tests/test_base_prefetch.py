@@ -88,16 +88,6 @@ class BasePrefetchTest(nova_support.AgentTestCase):
             nova_support.driver(), self.context, inst, image_id)
         return inst, fetches
 
-    def raw_of(self, path):
-        out = path + '.check.raw'
-        subprocess.run(['qemu-img', 'convert', '-O',
-                       'raw', path, out], check=True)
-        try:
-            with open(out, 'rb') as f:
-                return f.read()
-        finally:
-            os.unlink(out)
-
     def test_qcow2_and_flat_backends_find_the_agents_files(self):
         image_id, raw = self.qcow2_image(seed=41)
         cached = self.client.fetch(image_id, timeout=120)
@@ -112,16 +102,10 @@ class BasePrefetchTest(nova_support.AgentTestCase):
         self.assertEqual(
             fetches, 0, "Nova's Qcow2 backend downloaded the image")
         disk = os.path.join(libvirt_utils.get_instance_path(inst), 'disk')
-        info = subprocess.run(['qemu-img',
-                               'info',
-                               '--output=json',
-                               disk],
-                              check=True,
-                              capture_output=True,
-                              text=True)
+        info = nova_support.qemu_img_info(disk)
         # the overlay's backing file is the agent's file
-        self.assertIn(base, info.stdout)
-        self.assertEqual(self.raw_of(disk)[:len(raw)], raw)
+        self.assertIn(base, info)
+        self.assertEqual(nova_support.raw_of(disk)[:len(raw)], raw)
 
         inst, fetches = self.boot('flat', image_id)
         self.assertEqual(

@@ -294,27 +294,16 @@ class NovaQcow2BackendTest(NovaBackendTest):
         self.assertTrue(created)
         self.assertEqual(fetches, 0, "Nova's fetch_image was called")
         disk = os.path.join(libvirt_utils.get_instance_path(inst), 'disk')
-        info = subprocess.run(['qemu-img',
-                               'info',
-                               '--output=json',
-                               disk],
-                              check=True,
-                              capture_output=True,
-                              text=True)
-        self.assertIn('"format": "qcow2"', info.stdout)
+        info = nova_support.qemu_img_info(disk)
+        self.assertIn('"format": "qcow2"', info)
         self.assertIn(
             os.path.join(
                 self.instances,
                 '_base',
                 image_id),
-            info.stdout)
-        self.assertIn('"virtual-size": %d' % (1 << 30), info.stdout)
-        out = disk + '.raw'
-        subprocess.run(['qemu-img', 'convert', '-O',
-                       'raw', disk, out], check=True)
-        with open(out, 'rb') as f:
-            self.assertEqual(f.read(len(data)), data)
-        os.unlink(out)
+            info)
+        self.assertIn('"virtual-size": %d' % (1 << 30), info)
+        self.assertEqual(nova_support.raw_of(disk)[:len(data)], data)
         # libvirt sees the file disk Nova's Qcow2 backend gives it.
         xml = drv.image_backend.by_name(
             inst, 'disk', disk_info_mapping=DISK_MAPPING['disk']).libvirt_info(
