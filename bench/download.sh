@@ -14,7 +14,7 @@ if ! [ -f "$envfile" ] || ! curl -sf -m 5 -o /dev/null "$(. "$envfile"; echo "$G
 fi
 # shellcheck disable=SC1090
 . "$envfile"
-swift build -c release --product imgconv >/dev/null
+swift build -c release --product imgconv >/dev/null && swift build -c release --product imgconv-agent >/dev/null
 IMGCONV=$(swift build -c release --show-bin-path)/imgconv
 
 TOK=$(bash scripts/openstack-fixture.sh token)

@@ -16,7 +16,7 @@ bench_fixtures() {
     . "$envfile"
     # shellcheck disable=SC1090
     . "$cephenv"
-    swift build -c release --product imgconv >/dev/null
+    swift build -c release --product imgconv >/dev/null && swift build -c release --product imgconv-agent >/dev/null
     IMGCONV=$(swift build -c release --show-bin-path)/imgconv
     RBD=(rbd -c "$CEPH_CONF" --id admin --keyring "$CEPH_ADMIN_KEYRING")
     TOK=$(bash scripts/openstack-fixture.sh token)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the agent in the foreground against a local Keystone + Glance (scripts/openstack-fixture.sh, started if
 # needed), with one sample image tagged for prefetch. Ctrl-C stops the agent. From another terminal:
-#   IMGCONV_SOCKET=/tmp/imgconv-demo/agent.sock swift run imgconv cache list
+#   IMGCONV_SOCKET=/tmp/imgconv-demo/agent.sock .build/release/imgconv cache list
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -36,4 +36,6 @@ tag = imgconv-demo
 interval = 30
 CONF
 echo "uploaded image $ID (tag imgconv-demo); agent socket $demo/agent.sock"
-exec swift run -c release imgconv agent --config "$demo/agent.conf"
+# Both executables: `imgconv agent` runs imgconv-agent, installed next to it.
+swift build -c release
+exec "$(swift build -c release --show-bin-path)/imgconv" agent --config "$demo/agent.conf"

@@ -72,6 +72,7 @@ struct Fetcher: Sendable {
         do {
             try await offload(.jobs) { token in
                 let out = RawFileSink(path: path, mode: mode)
+                out.outputFile?.direct = true
                 do {
                     _ = try Converter(options: .background, cancel: { token.isCancelled }).convert(fetched.image, to: out)
                 } catch SinkError.cancelled {

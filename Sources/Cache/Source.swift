@@ -20,13 +20,14 @@ public struct GlanceSource: ImageSource {
     public let client: GlanceClient
     public var verify: Bool
     public var retry: RetryPolicy
-    public var bytesPerSecond: UInt64?
+    /// The prefetch bandwidth limit, one for all throttled downloads of this source together.
+    public let limit: BandwidthLimit?
 
     public init(client: GlanceClient, verify: Bool = true, retry: RetryPolicy = RetryPolicy(), bytesPerSecond: UInt64? = nil) {
         self.client = client
         self.verify = verify
         self.retry = retry
-        self.bytesPerSecond = bytesPerSecond
+        self.limit = bytesPerSecond.map { BandwidthLimit(bytesPerSecond: $0) }
     }
 
     public func show(_ id: String) async throws -> GlanceImage { try await client.show(id) }
@@ -36,6 +37,6 @@ public struct GlanceSource: ImageSource {
     public func download(_ image: GlanceImage, into sink: any DownloadSink, throttled: Bool,
                          progress: DownloadProgress?) async throws -> DownloadResult {
         try await VerifiedDownload(client: client, image: image, verify: verify, retry: retry,
-                                   bytesPerSecond: throttled ? bytesPerSecond : nil, progress: progress).run(into: sink)
+                                   limit: throttled ? limit : nil, progress: progress).run(into: sink)
     }
 }

@@ -244,7 +244,10 @@ public struct Converter: Sendable {
                         for run in r.runs { try sink.write(run) }
                         progress?(w.offset + UInt64(w.length), size)
                     }
+                    // The runs point into this batch's buffer, which the workers refill after the next batch.
+                    try sink.drain()
                 } catch {
+                    try? batch.value.2.drain()
                     writeError.withLock { if $0 == nil { $0 = error } }
                 }
             }
@@ -264,6 +267,7 @@ public struct Converter: Sendable {
     public static func writeWindow(_ data: UnsafeRawBufferPointer, at offset: UInt64, to sink: any ImageSink) throws -> UInt64 {
         let r = try encodeWindow(data, at: offset, unit: sink.unit, sink: sink)
         for run in r.runs { try sink.write(run) }
+        try sink.drain()
         return r.written
     }
 

@@ -139,7 +139,7 @@ public final class QCOW2Sink: ImageSink {
         var pendingHost: UInt64 = 0
         func flushPending(_ end: Int) throws {
             guard pendingStart >= 0 else { return }
-            try file.pwriteAll(UnsafeRawBufferPointer(rebasing: run.data[pendingStart..<end]), at: pendingHost)
+            try file.submit(UnsafeRawBufferPointer(rebasing: run.data[pendingStart..<end]), at: pendingHost)
             pendingStart = -1
         }
         while i < run.data.count {

@@ -32,8 +32,12 @@ public protocol ImageSink: AnyObject {
     /// Prepares a run for writing (compression): called from several threads at once, so it must not touch
     /// shared state. The default stores the bytes as they are.
     func encode(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws -> EncodedRun
-    /// Stores a run. Called in increasing offset order from one thread.
+    /// Stores a run. Called in increasing offset order from one thread. The run's bytes may still be in flight
+    /// when this returns (direct I/O): they stay valid until `drain` returns.
     func write(_ run: EncodedRun) throws
+    /// Waits until every write `write` left in flight is done; throws the first that failed. The converter calls
+    /// it before it reuses the buffers of the runs it handed over.
+    func drain() throws
     /// Makes `offset ..< offset+length` read as zero, for a target that was not created empty (`-n`).
     func zero(at offset: UInt64, length: UInt64) throws
     /// Writes the metadata, fsyncs and renames the result into place.
@@ -52,6 +56,7 @@ extension ImageSink {
         throw SinkError.unsupportedOutput("this output format cannot be written into an existing image (-n)")
     }
     public var outputFile: OutputFile? { nil }
+    public func drain() throws { try outputFile?.drain() }
 }
 
 extension EncodedRun {
@@ -140,7 +145,7 @@ public final class RawFileSink: ImageSink {
     }
 
     public func write(_ run: EncodedRun) throws {
-        try file.pwriteAll(run.data, at: run.offset)
+        try file.submit(run.data, at: run.offset)
     }
 
     public func zero(at offset: UInt64, length: UInt64) throws {

@@ -13,6 +13,9 @@ public struct OutputSpec: Sendable {
     public var inPlace = false
     /// fsync before the rename (the default; `-t unsafe` turns it off, as qemu-img convert's default does).
     public var durable = true
+    /// Write the data with O_DIRECT where the file system takes it (`-t none`, the default); false writes through
+    /// the page cache (`-t writeback`, `-t unsafe`).
+    public var direct = true
 
     public init(format: ImageFormat) { self.format = format }
 
@@ -116,6 +119,7 @@ public struct OutputSpec: Sendable {
             sink = VDISink(path: path, isStatic: st, unit: try blockUnit(1 << 20))
         }
         sink.outputFile?.durable = durable
+        sink.outputFile?.direct = direct
         if let unknown = o.keys.sorted().first {
             throw SinkError.invalidOption("'\(unknown)' is not an option of the \(format.rawValue) output")
         }

@@ -103,7 +103,7 @@ public final class VPCSink: ImageSink {
 
     public func write(_ run: EncodedRun) throws {
         if subformat == .fixed {
-            try file.pwriteAll(run.data, at: run.offset)
+            try file.submit(run.data, at: run.offset)
             return
         }
         try run.forEachBlockPiece(blockSize) { bi, inBlock, piece in
@@ -113,7 +113,7 @@ public final class VPCSink: ImageSink {
                 try file.pwriteAll([UInt8](repeating: 0xff, count: Int(bitmapBytes)), at: tail)
                 tail += bitmapBytes + blockSize
             }
-            try file.pwriteAll(piece, at: UInt64(bat[bi]) * 512 + bitmapBytes + inBlock)
+            try file.submit(piece, at: UInt64(bat[bi]) * 512 + bitmapBytes + inBlock)
         }
     }
 
@@ -201,7 +201,7 @@ public final class VDISink: ImageSink {
 
     public func write(_ run: EncodedRun) throws {
         if isStatic {
-            try file.pwriteAll(run.data, at: dataOffset + run.offset)
+            try file.submit(run.data, at: dataOffset + run.offset)
             return
         }
         try run.forEachBlockPiece(blockSize) { bi, inBlock, piece in
@@ -213,7 +213,7 @@ public final class VDISink: ImageSink {
                 allocated += 1
                 lastBlock = bi
             }
-            try file.pwriteAll(piece, at: dataOffset + UInt64(allocated - 1) * blockSize + inBlock)
+            try file.submit(piece, at: dataOffset + UInt64(allocated - 1) * blockSize + inBlock)
         }
     }
 

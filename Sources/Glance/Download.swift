@@ -59,7 +59,8 @@ public final class VerifiedDownload: @unchecked Sendable {
     let verify: Bool
     let retry: RetryPolicy
     let blockSize: Int
-    let bytesPerSecond: UInt64?
+    /// Shared by every download that takes from it (prefetches); nil: not limited.
+    let limit: BandwidthLimit?
     let logger: Logger
     let progress: DownloadProgress?
 
@@ -71,14 +72,14 @@ public final class VerifiedDownload: @unchecked Sendable {
     private let hashers = WorkerPool.background
 
     public init(client: GlanceClient, image: GlanceImage, verify: Bool = true, retry: RetryPolicy = RetryPolicy(),
-                blockSize: Int = 4 << 20, bytesPerSecond: UInt64? = nil, progress: DownloadProgress? = nil,
+                blockSize: Int = 4 << 20, limit: BandwidthLimit? = nil, progress: DownloadProgress? = nil,
                 logger: Logger = Logger(label: "imgconv.download")) {
         self.client = client
         self.image = image
         self.verify = verify
         self.retry = retry
         self.blockSize = blockSize
-        self.bytesPerSecond = bytesPerSecond
+        self.limit = limit
         self.progress = progress
         self.logger = logger
     }
@@ -131,7 +132,6 @@ public final class VerifiedDownload: @unchecked Sendable {
         // Glance's s3 and http stores refuse a Range (400 "Getting images randomly from this store is not
         // supported"): once refused, every retry asks for the whole body and skips what was already received.
         var rangeRefused = false
-        let started = DispatchTime.now().uptimeNanoseconds
 
         func submit() async throws {
             if let t = inFlight { try await t.value }
@@ -198,7 +198,7 @@ public final class VerifiedDownload: @unchecked Sendable {
                     if staging.count >= blockSize {
                         try await submit()
                         progress?(received)
-                        try await throttle(received: received, since: started)
+                        try await limit?.take(blockSize)
                     }
                 }
                 if let size = image.size, received < size {
@@ -249,13 +249,6 @@ public final class VerifiedDownload: @unchecked Sendable {
         logger.warning("download interrupted; resuming", metadata: ["image": "\(image.id)", "attempt": "\(failures)",
                                                                    "delay": "\(d)", "reason": "\(detail)"])
         try await Task.sleep(nanoseconds: UInt64(d * 1e9))
-    }
-
-    private func throttle(received: UInt64, since start: UInt64) async throws {
-        guard let rate = bytesPerSecond, rate > 0 else { return }
-        let due = Double(received) / Double(rate)
-        let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
-        if due > elapsed { try await Task.sleep(nanoseconds: UInt64((due - elapsed) * 1e9)) }
     }
 
     /// Writes one block (on the download's queue) while every digest is fed (on the background pool).

@@ -78,27 +78,28 @@ public final class RadosCluster: @unchecked Sendable {
     public init(_ configuration: CephConfiguration, label: String = "client") throws(CephError) {
         self.configuration = configuration
         self.label = label
+        try CephLibrary.load()
         var h: rados_t?
-        try check(rados_create(&h, configuration.user), "rados_create(client.\(configuration.user))")
+        try check(ceph.rados_create(&h, configuration.user), "rados_create(client.\(configuration.user))")
         guard let h else { throw CephError("rados_create", errno: ENOMEM) }
         do {
-            try check(rados_conf_read_file(h, configuration.confPath), "rados_conf_read_file(\(configuration.confPath ?? "default"))")
-            if let k = configuration.keyring { try check(rados_conf_set(h, "keyring", k), "rados_conf_set(keyring)") }
+            try check(ceph.rados_conf_read_file(h, configuration.confPath), "rados_conf_read_file(\(configuration.confPath ?? "default"))")
+            if let k = configuration.keyring { try check(ceph.rados_conf_set(h, "keyring", k), "rados_conf_set(keyring)") }
             let t = String(max(1, configuration.timeout))
             for option in ["client_mount_timeout", "rados_mon_op_timeout", "rados_osd_op_timeout"] {
-                try check(rados_conf_set(h, option, t), "rados_conf_set(\(option))")
+                try check(ceph.rados_conf_set(h, option, t), "rados_conf_set(\(option))")
             }
             // A library inside a daemon: no admin socket, no log file of its own unless ceph.conf asks.
-            _ = rados_conf_set(h, "admin_socket", "")
+            _ = ceph.rados_conf_set(h, "admin_socket", "")
             // Writes are large, sequential and flushed before anything reads them: librbd's writeback cache
             // (32 MiB per open image) would only copy them once more.
-            _ = rados_conf_set(h, "rbd_cache", "false")
+            _ = ceph.rados_conf_set(h, "rbd_cache", "false")
             // Every aio write's buffer stays untouched until its completion has been waited for (`RBDImage.aioWrite`
             // says so), so librbd may send it as it is instead of copying each 4 MiB object first.
-            _ = rados_conf_set(h, "rbd_disable_zero_copy_writes", "false")
-            try check(rados_connect(h), "rados_connect(client.\(configuration.user), \(configuration.confPath ?? "default conf"))")
+            _ = ceph.rados_conf_set(h, "rbd_disable_zero_copy_writes", "false")
+            try check(ceph.rados_connect(h), "rados_connect(client.\(configuration.user), \(configuration.confPath ?? "default conf"))")
         } catch {
-            rados_shutdown(h)
+            ceph.rados_shutdown(h)
             throw error
         }
         handle = h
@@ -115,15 +116,15 @@ public final class RadosCluster: @unchecked Sendable {
             s = nil
             return h
         }) else { return }
-        rados_shutdown(h)
+        ceph.rados_shutdown(h)
         LiveClients.closed(self)
     }
 
     /// This client's address, as lockers and the blocklist know it ("127.0.0.1:0/998250503").
     public func address() throws(CephError) -> String {
         var out: UnsafeMutablePointer<CChar>?
-        try check(rados_getaddrs(handle, &out), "rados_getaddrs")
-        defer { rados_buffer_free(out) }
+        try check(ceph.rados_getaddrs(handle, &out), "rados_getaddrs")
+        defer { ceph.rados_buffer_free(out) }
         return out.map { String(cString: $0) } ?? ""
     }
 
@@ -131,21 +132,21 @@ public final class RadosCluster: @unchecked Sendable {
     /// `seconds`. This waits for that epoch, so nothing this client does afterwards can race the fenced one.
     public func blocklist(address: String, seconds: UInt32) throws(CephError) {
         var a = Array(address.utf8CString)
-        try check(rados_blocklist_add(handle, &a, seconds), "rados_blocklist_add(\(address))")
-        try check(rados_wait_for_latest_osdmap(handle), "rados_wait_for_latest_osdmap")
+        try check(ceph.rados_blocklist_add(handle, &a, seconds), "rados_blocklist_add(\(address))")
+        try check(ceph.rados_wait_for_latest_osdmap(handle), "rados_wait_for_latest_osdmap")
     }
 
     /// The cluster's fsid, as in `ceph fsid` and Glance's `rbd://<fsid>/...` locations.
     public func fsid() throws(CephError) -> String {
         var buf = [CChar](repeating: 0, count: 64)
-        try check(rados_cluster_fsid(handle, &buf, buf.count), "rados_cluster_fsid")
+        try check(ceph.rados_cluster_fsid(handle, &buf, buf.count), "rados_cluster_fsid")
         return String(cString: buf)
     }
 
     /// An I/O context on `pool`.
     public func ioContext(pool: String) throws(CephError) -> IOContext {
         var io: rados_ioctx_t?
-        try check(rados_ioctx_create(handle, pool, &io), "rados_ioctx_create(\(pool))")
+        try check(ceph.rados_ioctx_create(handle, pool, &io), "rados_ioctx_create(\(pool))")
         return IOContext(io!, pool: pool, cluster: self)
     }
 
@@ -154,7 +155,7 @@ public final class RadosCluster: @unchecked Sendable {
         var size = 4096
         while true {
             var buf = [CChar](repeating: 0, count: size)
-            let n = rados_pool_list(handle, &buf, size)
+            let n = ceph.rados_pool_list(handle, &buf, size)
             try check(n, "rados_pool_list")
             if Int(n) <= size { return splitNulList(buf, Int(n)) }
             size = Int(n)
@@ -162,7 +163,7 @@ public final class RadosCluster: @unchecked Sendable {
     }
 
     /// This client's unique id, as lockers see it ("client.4123").
-    public var instanceID: UInt64 { rados_get_instance_id(handle) }
+    public var instanceID: UInt64 { ceph.rados_get_instance_id(handle) }
 }
 
 /// cls_lock's `assert_locked` input, Ceph-encoded: ENCODE_START(1, 1), name, type (1: exclusive), cookie, tag
@@ -234,7 +235,7 @@ public final class IOContext: @unchecked Sendable {
         self.cluster = cluster
     }
 
-    deinit { rados_ioctx_destroy(handle) }
+    deinit { ceph.rados_ioctx_destroy(handle) }
 
     // MARK: images
 
@@ -244,12 +245,12 @@ public final class IOContext: @unchecked Sendable {
         while true {
             var specs = [rbd_image_spec_t](repeating: rbd_image_spec_t(), count: count)
             var n = count
-            let r = rbd_list2(handle, &specs, &n)
+            let r = ceph.rbd_list2(handle, &specs, &n)
             if r == -ERANGE { count = n + 16; continue }
             try check(r, "rbd_list2(\(pool))")
             var names: [String] = []
             for i in 0..<n { names.append(String(cString: specs[i].name)) }
-            rbd_image_spec_list_cleanup(&specs, n)
+            ceph.rbd_image_spec_list_cleanup(&specs, n)
             return names.sorted()
         }
     }
@@ -257,21 +258,21 @@ public final class IOContext: @unchecked Sendable {
     /// Creates a format-2 image with layering (clones need it). `order` is log2 of the object size (22: 4 MiB).
     public func createImage(_ name: String, size: UInt64, order: Int = 22, features: UInt64 = UInt64(RBD_FEATURE_LAYERING)) throws(CephError) {
         var opts: rbd_image_options_t?
-        rbd_image_options_create(&opts)
-        defer { rbd_image_options_destroy(opts) }
-        _ = rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FORMAT), 2)
-        _ = rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FEATURES), features)
-        _ = rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_ORDER), UInt64(order))
-        try check(rbd_create4(handle, name, size, opts), "rbd_create(\(pool)/\(name), \(size) bytes)")
+        ceph.rbd_image_options_create(&opts)
+        defer { ceph.rbd_image_options_destroy(opts) }
+        _ = ceph.rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FORMAT), 2)
+        _ = ceph.rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FEATURES), features)
+        _ = ceph.rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_ORDER), UInt64(order))
+        try check(ceph.rbd_create4(handle, name, size, opts), "rbd_create(\(pool)/\(name), \(size) bytes)")
     }
 
     /// Opens an image (at a snapshot, read-only, when `snapshot` is given).
     public func openImage(_ name: String, snapshot: String? = nil, readOnly: Bool = false) throws(CephError) -> RBDImage {
         var img: rbd_image_t?
         if readOnly || snapshot != nil {
-            try check(rbd_open_read_only(handle, name, &img, snapshot), "rbd_open(\(pool)/\(name)\(snapshot.map { "@" + $0 } ?? ""))")
+            try check(ceph.rbd_open_read_only(handle, name, &img, snapshot), "rbd_open(\(pool)/\(name)\(snapshot.map { "@" + $0 } ?? ""))")
         } else {
-            try check(rbd_open(handle, name, &img, nil), "rbd_open(\(pool)/\(name))")
+            try check(ceph.rbd_open(handle, name, &img, nil), "rbd_open(\(pool)/\(name))")
         }
         return RBDImage(img!, name: name, io: self)
     }
@@ -289,18 +290,18 @@ public final class IOContext: @unchecked Sendable {
 
     /// Removes an image (it must have no snapshots and no open writers).
     public func removeImage(_ name: String) throws(CephError) {
-        try check(rbd_remove(handle, name), "rbd_remove(\(pool)/\(name))")
+        try check(ceph.rbd_remove(handle, name), "rbd_remove(\(pool)/\(name))")
     }
 
     public func renameImage(_ from: String, to: String) throws(CephError) {
-        try check(rbd_rename(handle, from, to), "rbd_rename(\(pool)/\(from) -> \(to))")
+        try check(ceph.rbd_rename(handle, from, to), "rbd_rename(\(pool)/\(from) -> \(to))")
     }
 
     /// Clones `self/parent@snapshot` (protected) into `destination/name`: format 2, layering, copy-on-write.
     public func clone(parent: String, snapshot: String, into destination: IOContext, name: String,
                       features: UInt64 = UInt64(RBD_FEATURE_LAYERING)) throws(CephError) {
         var order: Int32 = 0
-        try check(rbd_clone2(handle, parent, snapshot, destination.handle, name, features, &order, 0, 0),
+        try check(ceph.rbd_clone2(handle, parent, snapshot, destination.handle, name, features, &order, 0, 0),
                   "rbd_clone(\(pool)/\(parent)@\(snapshot) -> \(destination.pool)/\(name))")
     }
 
@@ -312,7 +313,7 @@ public final class IOContext: @unchecked Sendable {
     public func lease(object: String, name: String, cookie: String, description: String, seconds: Int, renew: Bool) throws(CephError) -> Bool {
         var duration = timeval(tv_sec: seconds, tv_usec: 0)
         let flags: UInt8 = renew ? UInt8(LIBRADOS_LOCK_FLAG_RENEW) : 0
-        let r = rados_lock_exclusive(handle, object, name, cookie, description, &duration, flags)
+        let r = ceph.rados_lock_exclusive(handle, object, name, cookie, description, &duration, flags)
         if r == -EBUSY || (r == -EEXIST && !renew) { return false }
         try check(r, "rados_lock_exclusive(\(pool)/\(object), \(name))")
         return true
@@ -320,7 +321,7 @@ public final class IOContext: @unchecked Sendable {
 
     /// Releases a lease this client holds; a lease already expired or taken over is not an error.
     public func releaseLease(object: String, name: String, cookie: String) throws(CephError) {
-        let r = rados_unlock(handle, object, name, cookie)
+        let r = ceph.rados_unlock(handle, object, name, cookie)
         if r == -ENOENT { return }
         try check(r, "rados_unlock(\(pool)/\(object), \(name))")
     }
@@ -332,7 +333,7 @@ public final class IOContext: @unchecked Sendable {
             var exclusive: Int32 = 0
             var tag = [CChar](repeating: 0, count: size), clients = tag, cookies = tag, addrs = tag
             var tl = size, cl = size, kl = size, al = size
-            let n = rados_list_lockers(handle, object, name, &exclusive, &tag, &tl, &clients, &cl, &cookies, &kl, &addrs, &al)
+            let n = ceph.rados_list_lockers(handle, object, name, &exclusive, &tag, &tl, &clients, &cl, &cookies, &kl, &addrs, &al)
             if n == -ERANGE { size = max(tl, cl, kl, al) + 64; continue }
             if n == -ENOENT { return [] }
             try check(Int32(n), "rados_list_lockers(\(pool)/\(object), \(name))")
@@ -344,7 +345,7 @@ public final class IOContext: @unchecked Sendable {
     /// An extended attribute of a RADOS object; nil when the object or the attribute does not exist.
     public func xattr(object: String, name: String) throws(CephError) -> [UInt8]? {
         var buf = [CChar](repeating: 0, count: 4096)
-        let n = rados_getxattr(handle, object, name, &buf, buf.count)
+        let n = ceph.rados_getxattr(handle, object, name, &buf, buf.count)
         if n == -ENOENT || n == -ENODATA { return nil }
         try check(n, "rados_getxattr(\(pool)/\(object), \(name))")
         return buf[0..<Int(n)].map { UInt8(bitPattern: $0) }
@@ -354,21 +355,21 @@ public final class IOContext: @unchecked Sendable {
     /// `lock` with `cookie`: one atomic operation, asserted by the OSD (cls_lock's assert_locked). False when the
     /// lock is no longer held (expired, taken over).
     public func guardedSetXattr(object: String, lock: String, cookie: String, name: String, value: [UInt8]?) throws(CephError) -> Bool {
-        guard let op = rados_create_write_op() else { throw CephError("rados_create_write_op", errno: ENOMEM) }
-        defer { rados_release_write_op(op) }
+        guard let op = ceph.rados_create_write_op() else { throw CephError("rados_create_write_op", errno: ENOMEM) }
+        defer { ceph.rados_release_write_op(op) }
         let assertion = ClsLockAssert(name: lock, cookie: cookie).encoded
         var prval: Int32 = 0
         assertion.withUnsafeBufferPointer { a in
-            a.withMemoryRebound(to: CChar.self) { rados_write_op_exec(op, "lock", "assert_locked", $0.baseAddress, $0.count, &prval) }
+            a.withMemoryRebound(to: CChar.self) { ceph.rados_write_op_exec(op, "lock", "assert_locked", $0.baseAddress, $0.count, &prval) }
         }
         if let value {
             value.withUnsafeBufferPointer { v in
-                v.withMemoryRebound(to: CChar.self) { rados_write_op_setxattr(op, name, $0.baseAddress, $0.count) }
+                v.withMemoryRebound(to: CChar.self) { ceph.rados_write_op_setxattr(op, name, $0.baseAddress, $0.count) }
             }
         } else {
-            rados_write_op_rmxattr(op, name)
+            ceph.rados_write_op_rmxattr(op, name)
         }
-        let r = rados_write_op_operate(op, handle, object, nil, 0)
+        let r = ceph.rados_write_op_operate(op, handle, object, nil, 0)
         if r == -EBUSY || r == -ENOENT || prval == -EBUSY || prval == -ENOENT { return false }
         if value == nil && r == -ENODATA { return true }
         try check(r, "rados_write_op_operate(\(pool)/\(object): assert \(lock) held, set \(name))")
@@ -377,7 +378,7 @@ public final class IOContext: @unchecked Sendable {
 
     /// Removes a RADOS object (not an RBD image).
     public func removeObject(_ object: String) throws(CephError) {
-        let r = rados_remove(handle, object)
+        let r = ceph.rados_remove(handle, object)
         if r == -ENOENT { return }
         try check(r, "rados_remove(\(pool)/\(object))")
     }

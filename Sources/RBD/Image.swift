@@ -44,7 +44,7 @@ public final class RBDImage: @unchecked Sendable {
     }
 
     public func close() {
-        if let handle { _ = rbd_close(handle) }
+        if let handle { _ = ceph.rbd_close(handle) }
         handle = nil
     }
 
@@ -58,19 +58,19 @@ public final class RBDImage: @unchecked Sendable {
 
     public func stat() throws(CephError) -> Stat {
         var info = rbd_image_info_t()
-        try check(rbd_stat(try h(), &info, MemoryLayout<rbd_image_info_t>.size), "rbd_stat(\(spec))")
+        try check(ceph.rbd_stat(try h(), &info, MemoryLayout<rbd_image_info_t>.size), "rbd_stat(\(spec))")
         return Stat(size: info.size, objectSize: info.obj_size, order: Int(info.order))
     }
 
     public func resize(_ size: UInt64) throws(CephError) {
-        try check(rbd_resize(try h(), size), "rbd_resize(\(spec), \(size))")
+        try check(ceph.rbd_resize(try h(), size), "rbd_resize(\(spec), \(size))")
     }
 
     // MARK: data
 
     /// Reads up to `count` bytes at `offset` (a short read only at the end of the image).
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(CephError) -> Int {
-        let n = rbd_read(try h(), offset, buffer.count, buffer.baseAddress?.assumingMemoryBound(to: CChar.self))
+        let n = ceph.rbd_read(try h(), offset, buffer.count, buffer.baseAddress?.assumingMemoryBound(to: CChar.self))
         if n < 0 { throw CephError("rbd_read(\(spec), \(offset))", errno: Int32(-n)) }
         return n
     }
@@ -79,7 +79,7 @@ public final class RBDImage: @unchecked Sendable {
     /// returned completion has been waited for: the cluster handle lets librbd send it without a copy.
     public func aioWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(CephError) -> Completion {
         let c = try Completion(operation: "rbd_aio_write(\(spec), \(offset), \(buffer.count))")
-        let r = rbd_aio_write(try h(), offset, buffer.count, buffer.baseAddress?.assumingMemoryBound(to: CChar.self), c.handle)
+        let r = ceph.rbd_aio_write(try h(), offset, buffer.count, buffer.baseAddress?.assumingMemoryBound(to: CChar.self), c.handle)
         if r < 0 { c.release(); throw CephError(c.operation, errno: -r) }
         return c
     }
@@ -87,7 +87,7 @@ public final class RBDImage: @unchecked Sendable {
     /// Starts an asynchronous discard: the range reads as zeros and frees its space where whole objects allow.
     public func aioDiscard(at offset: UInt64, length: UInt64) throws(CephError) -> Completion {
         let c = try Completion(operation: "rbd_aio_discard(\(spec), \(offset), \(length))")
-        let r = rbd_aio_discard(try h(), offset, length, c.handle)
+        let r = ceph.rbd_aio_discard(try h(), offset, length, c.handle)
         if r < 0 { c.release(); throw CephError(c.operation, errno: -r) }
         return c
     }
@@ -103,7 +103,7 @@ public final class RBDImage: @unchecked Sendable {
 
     /// Makes every completed write durable.
     public func flush() throws(CephError) {
-        try check(rbd_flush(try h()), "rbd_flush(\(spec))")
+        try check(ceph.rbd_flush(try h()), "rbd_flush(\(spec))")
     }
 
     // MARK: snapshots
@@ -113,35 +113,35 @@ public final class RBDImage: @unchecked Sendable {
         while true {
             var snaps = [rbd_snap_info_t](repeating: rbd_snap_info_t(), count: Int(max))
             var m = max
-            let n = rbd_snap_list(try h(), &snaps, &m)
+            let n = ceph.rbd_snap_list(try h(), &snaps, &m)
             if n == -ERANGE { max = m + 4; continue }
             try check(n, "rbd_snap_list(\(spec))")
             let out = (0..<Int(n)).map { SnapshotInfo(id: snaps[$0].id, name: String(cString: snaps[$0].name), size: snaps[$0].size) }
-            rbd_snap_list_end(&snaps)
+            ceph.rbd_snap_list_end(&snaps)
             return out
         }
     }
 
     public func createSnapshot(_ snap: String) throws(CephError) {
-        try check(rbd_snap_create(try h(), snap), "rbd_snap_create(\(spec)@\(snap))")
+        try check(ceph.rbd_snap_create(try h(), snap), "rbd_snap_create(\(spec)@\(snap))")
     }
 
     public func removeSnapshot(_ snap: String) throws(CephError) {
-        try check(rbd_snap_remove(try h(), snap), "rbd_snap_remove(\(spec)@\(snap))")
+        try check(ceph.rbd_snap_remove(try h(), snap), "rbd_snap_remove(\(spec)@\(snap))")
     }
 
     public func protectSnapshot(_ snap: String) throws(CephError) {
-        try check(rbd_snap_protect(try h(), snap), "rbd_snap_protect(\(spec)@\(snap))")
+        try check(ceph.rbd_snap_protect(try h(), snap), "rbd_snap_protect(\(spec)@\(snap))")
     }
 
     /// Fails with EBUSY while clones of the snapshot exist.
     public func unprotectSnapshot(_ snap: String) throws(CephError) {
-        try check(rbd_snap_unprotect(try h(), snap), "rbd_snap_unprotect(\(spec)@\(snap))")
+        try check(ceph.rbd_snap_unprotect(try h(), snap), "rbd_snap_unprotect(\(spec)@\(snap))")
     }
 
     public func isProtected(_ snap: String) throws(CephError) -> Bool {
         var p: Int32 = 0
-        try check(rbd_snap_is_protected(try h(), snap, &p), "rbd_snap_is_protected(\(spec)@\(snap))")
+        try check(ceph.rbd_snap_is_protected(try h(), snap, &p), "rbd_snap_is_protected(\(spec)@\(snap))")
         return p != 0
     }
 
@@ -151,12 +151,12 @@ public final class RBDImage: @unchecked Sendable {
     public func parent() throws(CephError) -> ParentSpec? {
         var image = rbd_linked_image_spec_t()
         var snap = rbd_snap_spec_t()
-        let r = rbd_get_parent(try h(), &image, &snap)
+        let r = ceph.rbd_get_parent(try h(), &image, &snap)
         if r == -ENOENT { return nil }
         try check(r, "rbd_get_parent(\(spec))")
         defer {
-            rbd_linked_image_spec_cleanup(&image)
-            rbd_snap_spec_cleanup(&snap)
+            ceph.rbd_linked_image_spec_cleanup(&image)
+            ceph.rbd_snap_spec_cleanup(&snap)
         }
         return ParentSpec(pool: String(cString: image.pool_name), image: String(cString: image.image_name),
                           snapshot: String(cString: snap.name))
@@ -169,18 +169,18 @@ public final class RBDImage: @unchecked Sendable {
         while true {
             var specs = [rbd_linked_image_spec_t](repeating: rbd_linked_image_spec_t(), count: count)
             var n = count
-            let r = rbd_list_children3(try h(), &specs, &n)
+            let r = ceph.rbd_list_children3(try h(), &specs, &n)
             if r == -ERANGE { count = n + 8; continue }
             try check(r, "rbd_list_children(\(spec))")
             let out = (0..<n).filter { !specs[$0].trash }.map { "\(String(cString: specs[$0].pool_name))/\(String(cString: specs[$0].image_name))" }
-            rbd_linked_image_spec_list_cleanup(&specs, n)
+            ceph.rbd_linked_image_spec_list_cleanup(&specs, n)
             return out
         }
     }
 
     /// Copies the parent's data into the clone and detaches it.
     public func flatten() throws(CephError) {
-        try check(rbd_flatten(try h()), "rbd_flatten(\(spec))")
+        try check(ceph.rbd_flatten(try h()), "rbd_flatten(\(spec))")
     }
 
     // MARK: metadata
@@ -190,7 +190,7 @@ public final class RBDImage: @unchecked Sendable {
         while true {
             var buf = [CChar](repeating: 0, count: size)
             var len = size
-            let r = rbd_metadata_get(try h(), key, &buf, &len)
+            let r = ceph.rbd_metadata_get(try h(), key, &buf, &len)
             if r == -ENOENT { return nil }
             if r == -ERANGE { size = len + 1; continue }
             try check(r, "rbd_metadata_get(\(spec), \(key))")
@@ -199,7 +199,7 @@ public final class RBDImage: @unchecked Sendable {
     }
 
     public func setMetadata(_ key: String, _ value: String) throws(CephError) {
-        try check(rbd_metadata_set(try h(), key, value), "rbd_metadata_set(\(spec), \(key))")
+        try check(ceph.rbd_metadata_set(try h(), key, value), "rbd_metadata_set(\(spec), \(key))")
     }
 }
 
@@ -211,20 +211,20 @@ public final class Completion: @unchecked Sendable {
     init(operation: String) throws(CephError) {
         self.operation = operation
         var c: rbd_completion_t?
-        try check(rbd_aio_create_completion(nil, nil, &c), "rbd_aio_create_completion")
+        try check(ceph.rbd_aio_create_completion(nil, nil, &c), "rbd_aio_create_completion")
         handle = c
     }
 
     fileprivate func release() {
-        if let handle { rbd_aio_release(handle) }
+        if let handle { ceph.rbd_aio_release(handle) }
         handle = nil
     }
 
     /// Blocks until the operation is done; throws its error.
     public func wait() throws(CephError) {
         guard let handle else { return }
-        _ = rbd_aio_wait_for_complete(handle)
-        let r = rbd_aio_get_return_value(handle)
+        _ = ceph.rbd_aio_wait_for_complete(handle)
+        let r = ceph.rbd_aio_get_return_value(handle)
         release()
         if r < 0 { throw CephError(operation, errno: Int32(-r)) }
     }
@@ -232,8 +232,8 @@ public final class Completion: @unchecked Sendable {
     deinit {
         // Never release an operation still in flight: librbd would write into freed memory.
         if let handle {
-            _ = rbd_aio_wait_for_complete(handle)
-            rbd_aio_release(handle)
+            _ = ceph.rbd_aio_wait_for_complete(handle)
+            ceph.rbd_aio_release(handle)
         }
     }
 }

@@ -17,14 +17,13 @@ struct IMGConv: AsyncParsableCommand {
     )
 
     static func main() async {
+        AgentExecutable.runIfAgentCommand()
         do {
             var command = try parseAsRoot()
-            if !(command is AgentCommand) {
-                LoggingSystem.bootstrap { label in
-                    var h = StreamLogHandler.standardError(label: label)
-                    h.logLevel = .warning
-                    return h
-                }
+            LoggingSystem.bootstrap { label in
+                var h = StreamLogHandler.standardError(label: label)
+                h.logLevel = .warning
+                return h
             }
             if var async = command as? AsyncParsableCommand {
                 try await async.run()
@@ -249,8 +248,8 @@ struct ConvertCommand: ParsableCommand {
     @Flag(name: .customShort("n"), help: "Write into the existing target (raw only) instead of creating it.") var noCreate = false
     @Flag(name: .customLong("target-is-zero"), help: "With -n: the target already reads as zeros, so skipped ranges are not zeroed.")
     var targetIsZero = false
-    @Option(name: .customShort("t"), help: "Target cache mode: writeback (default: fsync before the rename, so a crash never leaves a half-written image in place) or unsafe (no fsync, as qemu-img convert's default; the rename is still atomic).")
-    var cacheMode: String = "writeback"
+    @Option(name: .customShort("t"), help: "Target cache mode: none (default: data written with O_DIRECT where the file system takes it, then fsync before the rename, so a crash never leaves a half-written image in place), writeback (through the page cache, fsync before the rename) or unsafe (page cache, no fsync, as qemu-img convert's default; the rename is still atomic).")
+    var cacheMode: String = "none"
     @Flag(name: .customShort("p"), help: "Show a progress bar on a terminal.") var progress = false
     @Option(name: .customLong("progress"), help: "json: one JSON line per percent on standard error, for the agent.")
     var progressFormat: String?
@@ -266,9 +265,10 @@ struct ConvertCommand: ParsableCommand {
         spec.zeroGranularity = try OutputSpec.parseSize(sparseSize)
         spec.inPlace = noCreate
         switch cacheMode {
-        case "writeback", "none", "directsync", "writethrough": spec.durable = true
-        case "unsafe": spec.durable = false
-        default: throw SinkError.invalidOption("-t \(cacheMode) (writeback or unsafe)")
+        case "none", "directsync": spec.durable = true; spec.direct = true
+        case "writeback", "writethrough": spec.durable = true; spec.direct = false
+        case "unsafe": spec.durable = false; spec.direct = false
+        default: throw SinkError.invalidOption("-t \(cacheMode) (none, writeback or unsafe)")
         }
         if targetIsZero && !noCreate { throw SinkError.invalidOption("--target-is-zero needs -n") }
         if let p = progressFormat, p != "json" { throw SinkError.invalidOption("--progress=\(p) (only json)") }

@@ -30,12 +30,12 @@ struct AgentCommand: AsyncParsableCommand {
         do {
             cfg = try AgentConfig.load(path: config)
         } catch let e as ConfigError {
-            IMGConv.fail("\(e.message)", code: 2)
+            AgentMain.fail("\(e.message)", code: 2)
         }
         do {
             try await AgentRunner.run(config: cfg, logger: Logger(label: "imgconv.agent"))
         } catch {
-            IMGConv.fail("\(error)")
+            AgentMain.fail("\(error)")
         }
     }
 }
@@ -91,13 +91,13 @@ struct CacheCommand: AsyncParsableCommand {
                 print(String(decoding: body, as: UTF8.self))
                 return
             }
-            guard let jobID = o["id"] as? String else { IMGConv.fail("unexpected answer: \(String(decoding: body, as: UTF8.self))") }
+            guard let jobID = o["id"] as? String else { AgentMain.fail("unexpected answer: \(String(decoding: body, as: UTF8.self))") }
             let tty = isatty(2) != 0
             var lastLine = ""
             while true {
                 let (s, b) = try await client.call("GET", "/v1/jobs/\(jobID)")
                 guard s == 200, let job = (try? JSONSerialization.jsonObject(with: b)) as? [String: Any] else {
-                    IMGConv.fail("lost the job \(jobID): \(String(decoding: b, as: UTF8.self))")
+                    AgentMain.fail("lost the job \(jobID): \(String(decoding: b, as: UTF8.self))")
                 }
                 let state = job["state"] as? String ?? "?"
                 let done = (job["bytes_done"] as? NSNumber)?.uint64Value ?? 0
@@ -116,7 +116,7 @@ struct CacheCommand: AsyncParsableCommand {
                 }
                 if state == "error" {
                     if tty { writeStderr("\n") }
-                    IMGConv.fail("fetch of \(id) failed: \(job["error"] as? String ?? "unknown error")")
+                    AgentMain.fail("fetch of \(id) failed: \(job["error"] as? String ?? "unknown error")")
                 }
                 try await Task.sleep(nanoseconds: 200_000_000)
             }
@@ -177,7 +177,7 @@ struct DiskCommand: AsyncParsableCommand {
         func run() async throws {
             var o: [String: Any] = ["instance_uuid": instance, "image_id": image]
             if let size {
-                guard let n = try? AgentConfig.size(size) else { IMGConv.fail("--size '\(size)' is not a size such as 20G") }
+                guard let n = try? AgentConfig.size(size) else { AgentMain.fail("--size '\(size)' is not a size such as 20G") }
                 o["size"] = n
             }
             let body = try JSONSerialization.data(withJSONObject: o)
@@ -264,14 +264,14 @@ struct ControlClient {
         do {
             response = try await http.execute(req, timeout: .seconds(timeout))
         } catch {
-            IMGConv.fail("cannot reach the agent on \(socket): \(error) (is `imgconv agent` running? --socket)")
+            AgentMain.fail("cannot reach the agent on \(socket): \(error) (is `imgconv agent` running? --socket)")
         }
         let body = Data(try await response.body.collect(upTo: 64 << 20).readableBytesView)
         let code = Int(response.status.code)
         if code >= 400 {
             let o = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any]
             let message = (o?["error"] as? [String: Any])?["message"] as? String ?? String(decoding: body, as: UTF8.self)
-            IMGConv.fail("\(method) \(path): HTTP \(code): \(message)")
+            AgentMain.fail("\(method) \(path): HTTP \(code): \(message)")
         }
         return (code, body)
     }

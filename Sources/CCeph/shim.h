@@ -1,3 +1,0 @@
-#include <rados/librados.h>
-#include <rbd/librbd.h>
-#include <sys/time.h>

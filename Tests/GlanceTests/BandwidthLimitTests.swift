@@ -1,0 +1,51 @@
+import Dispatch
+import Testing
+@testable import Glance
+
+/// `[prefetch] bandwidth_limit` is one rate for all prefetches together, not one per download.
+@Suite("bandwidth limit")
+struct BandwidthLimitTests {
+    static func seconds(since t0: UInt64) -> Double { Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 }
+
+    @Test func fourDownloadsShareOneRate() async throws {
+        // 4 downloads of 8 blocks of 1 MiB at 16 MiB/s in all: 32 MiB take about 2 s together. A limit per
+        // download would let them finish in 0.5 s.
+        let limit = BandwidthLimit(bytesPerSecond: 16 << 20)
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        let ends = try await withThrowingTaskGroup(of: Double.self) { g in
+            for _ in 0..<4 {
+                g.addTask {
+                    for _ in 0..<8 { try await limit.take(1 << 20) }
+                    return Self.seconds(since: t0)
+                }
+            }
+            return try await g.reduce(into: [Double]()) { $0.append($1) }
+        }
+        let total = ends.max()!
+        // The last block's slot starts at 31/16 s.
+        #expect(total >= 1.9, "32 MiB at 16 MiB/s took \(total) s")
+        #expect(total < 4, "\(total) s")
+        // Fair: no download finished long before the others (slots are handed out in arrival order).
+        #expect(ends.min()! >= 1.5, "\(ends)")
+    }
+
+    @Test func idleTimeIsNotBankedAndOneDownloadGetsTheWholeRate() async throws {
+        let limit = BandwidthLimit(bytesPerSecond: 32 << 20)
+        try await limit.take(1 << 20)
+        try await Task.sleep(nanoseconds: 300_000_000)
+        // After the pause: 16 MiB at 32 MiB/s, the first block at once, the rest paced: about 0.47 s.
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        for _ in 0..<16 { try await limit.take(1 << 20) }
+        let took = Self.seconds(since: t0)
+        #expect(took >= 0.45 && took < 1.5, "\(took) s")
+    }
+
+    @Test func aWaitingDownloadIsCancellable() async throws {
+        let limit = BandwidthLimit(bytesPerSecond: 1 << 20)
+        try await limit.take(64 << 20)  // the link is now busy for 64 s
+        let t = Task { try await limit.take(1 << 20) }
+        try await Task.sleep(nanoseconds: 50_000_000)
+        t.cancel()
+        await #expect(throws: CancellationError.self) { try await t.value }
+    }
+}
