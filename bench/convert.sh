@@ -62,7 +62,7 @@ cases=(
 only=${ONLY:-}
 for c in "${cases[@]}"; do
     IFS='|' read -r label src sfmt target <<< "$c"
-    [ -z "$only" ] || [[ "$label" == *"$only"* ]] || continue
+    [ -z "$only" ] || [[ "$label" =~ $only ]] || continue
     in="$dir/$src" t="$out/target"
     extra=()
     [[ "$label" == a* ]] && extra=("imgconv, zlib inflate=IMGCONV_INFLATE=zlib $IMGCONV convert -f $sfmt $target $in $t")

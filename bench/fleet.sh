@@ -61,7 +61,7 @@ cleanup() {
     wait 2>/dev/null || true
     bench_remove_disks
     for id in "${images[@]}"; do curl -s -X DELETE -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$id" >/dev/null; done
-    rm -rf "$work"
+    [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
 api() {  # node curl-args...
@@ -139,6 +139,7 @@ for r in $(seq 1 "$rounds"); do
     ratios+=("$(echo "$max / $t" | bc -l)")
     read -r o0 r0 w0 <<<"$ops0"; read -r o1 r1 w1 <<<"$ops1"
     echo "round $r: single first instance $t s; fleet of $n: p50 $p50 s, p90 $p90 s, max $max s (max / single $(printf %.2f "$(echo "$max / $t" | bc -l)")x); methods: $methods; bases built: $built; Glance file GETs: $gets, bytes $bytes (image $size); OSD ops $((o1 - o0)) (reads $((r1 - r0)), writes $((w1 - w0)))"
+    echo "  builder $(cat "$work/r$r".* | awk '$2 == "base-built" {print $1}') s; every node, sorted: $(echo "$times" | sort -n | awk '{printf "%.2f ", $1}')"
     [ "$built" -eq 1 ] || echo "FAIL: $built bases built" >&2
     [ "$gets" -eq 1 ] || echo "FAIL: Glance served the image $gets times" >&2
 

@@ -7,12 +7,13 @@ Usage: rss_breakdown.py PID [--watch SECONDS --until-exit]
   main heap, glibc's per-thread malloc arenas, thread stacks, other anonymous
   memory (large buffers: the converter's windows, a download's window), and
   the threads by name. With --watch, samples every SECONDS until the process
-  exits (or the watch is interrupted) and prints the breakdown of the sample
+  exits (or the watch gets SIGINT or SIGTERM) and prints the breakdown of the sample
   with the most resident memory: the peak.
 """
 import collections
 import os
 import re
+import signal
 import sys
 import time
 
@@ -110,6 +111,10 @@ def main():
         report(kinds, threads, 'pid %d' % pid)
         return
     interval = float(sys.argv[sys.argv.index('--watch') + 1])
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt()
+    signal.signal(signal.SIGTERM, stop)
     best = None
     try:
         while os.path.exists('/proc/%d' % pid):

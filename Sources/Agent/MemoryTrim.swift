@@ -79,3 +79,19 @@ struct IdleTrim {
 /// glibc's `int malloc_trim(size_t pad)` (malloc.h, which the Glibc module does not import).
 @_silgen_name("malloc_trim")
 private func malloc_trim(_ pad: Int) -> Int32
+
+/// glibc's `int mallopt(int param, int value)`.
+@_silgen_name("mallopt")
+private func mallopt(_ param: Int32, _ value: Int32) -> Int32
+
+/// Caps glibc's malloc arenas. By default every thread that allocates while the others hold their arenas gets one
+/// of its own, up to 8 per core, and a freed page stays in the arena that served it: measured on a first-instance
+/// build, 70 MiB of the agent's 171 MiB peak were thread arenas, and 33 MiB stayed after the idle trim. The agent's
+/// allocations are few and large (buffers), so contention on two arenas costs nothing measurable.
+public enum MallocArenas {
+    static let M_ARENA_MAX: Int32 = -8
+
+    public static func limit(_ arenas: Int32) {
+        _ = mallopt(M_ARENA_MAX, arenas)
+    }
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Agent memory, broken down (bench/rss_breakdown.py): idle after start, the peak of a first-instance build (a
+# disk of the 1 GiB zlib qcow2 of make-corpus: download, verify, convert into a new base, clone), and idle again
+# after the memory trim ([agent] memory_trim_idle = 5s here). Needs the Ceph and Glance fixtures (started here if
+# not running).
+# Usage: bench/memory.sh [qcow2 image]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=/tmp/imgconv-bench
+bash bench/make-corpus.sh "$dir" >/dev/null
+src=${1:-$dir/mixed-zlib.qcow2}
+. bench/fixtures.sh
+bench_fixtures GLANCE_RBD_STORE
+work=$dir/memory
+rm -rf "$work"; mkdir -p "$work"
+id=$(curl -sf -X POST "$GLANCE_URL/v2/images" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/json' \
+    -d '{"name":"bench-memory","disk_format":"qcow2","container_format":"bare"}' |
+    python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')
+curl -sf -X PUT "$GLANCE_URL/v2/images/$id/file" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/octet-stream' -T "$src" >/dev/null
+cat >"$work/agent.conf" <<EOF
+[agent]
+socket_path = $work/agent.sock
+state_dir = $work/state
+memory_trim_idle = 5s
+[glance]
+auth_url = $KEYSTONE_URL
+username = admin
+password = secret
+project_name = admin
+[cache]
+directory = $work/cache
+max_size = 8G
+[rbd]
+ceph_conf = $CEPH_CONF
+user = $CEPH_USER
+keyring = $CEPH_USER_KEYRING
+[disks]
+gc_interval = 0
+EOF
+"$IMGCONV" agent --config "$work/agent.conf" --log-level warning 2>"$work/agent.log" &
+agent=$!
+cleanup() {
+    kill $agent 2>/dev/null; wait $agent 2>/dev/null
+    bench_remove_disks
+    curl -s -X DELETE -H "X-Auth-Token: $TOK" "$GLANCE_URL/v2/images/$id" >/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+for _ in $(seq 100); do [ -S "$work/agent.sock" ] && break; sleep 0.1; done
+sleep 2
+python3 bench/rss_breakdown.py $agent | sed 's/^pid [0-9]*/idle after start/'
+python3 bench/rss_breakdown.py $agent --watch 0.1 >"$work/peak" &
+watcher=$!
+inst=$(cat /proc/sys/kernel/random/uuid)
+curl -sf -m 3600 --unix-socket "$work/agent.sock" -X POST -H 'Content-Type: application/json' \
+    -d "{\"instance_uuid\":\"$inst\",\"image_id\":\"$id\"}" http://a/v1/disks >/dev/null
+kill -TERM $watcher; wait $watcher || true
+sed 's/^peak of pid [0-9]*/peak of a first-instance build/' "$work/peak"
+echo "VmHWM (kernel's peak): $(awk '/VmHWM/ {print int($2 / 1024)}' /proc/$agent/status) MiB"
+sleep 12
+python3 bench/rss_breakdown.py $agent | sed 's/^pid [0-9]*/idle after the trim/'
