@@ -18,40 +18,13 @@ src=${2:-$dir/mixed-zlib.qcow2}
 . bench/fixtures.sh
 bench_fixtures GLANCE_RBD_STORE
 
-upload() {  # file disk_format [store] -> image id
-    local id
-    id=$(curl -sf -X POST "$GLANCE_URL/v2/images" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/json' \
-        -d "{\"name\":\"bench-disks\",\"disk_format\":\"$2\",\"container_format\":\"bare\"}" |
-        python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')
-    curl -sf -X PUT "$GLANCE_URL/v2/images/$id/file" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/octet-stream' \
-        ${3:+-H "X-Image-Meta-Store: $3"} -T "$1" >/dev/null
-    echo "$id"
-}
 work=$dir/disks
 rm -rf "$work"; mkdir -p "$work"
-qid=$(upload "$src" qcow2)
+qid=$(bench_upload "$src" qcow2 "" bench-disks)
 head -c $((64 << 20)) "$dir/mixed.raw" >"$work/small.raw"
-rid=$(upload "$work/small.raw" raw "$GLANCE_RBD_STORE")
+rid=$(bench_upload "$work/small.raw" raw "$GLANCE_RBD_STORE" bench-disks)
 
-cat >"$work/agent.conf" <<EOF
-[agent]
-socket_path = $work/agent.sock
-state_dir = $work/state
-[glance]
-auth_url = $KEYSTONE_URL
-username = admin
-password = secret
-project_name = admin
-[cache]
-directory = $work/cache
-max_size = 8G
-[rbd]
-ceph_conf = $CEPH_CONF
-user = $CEPH_USER
-keyring = $CEPH_USER_KEYRING
-[disks]
-gc_interval = 0
-EOF
+bench_agent_conf "$work" 8G
 "$IMGCONV" agent --config "$work/agent.conf" --log-level warning 2>"$work/agent.log" &
 agent=$!
 cleanup() {

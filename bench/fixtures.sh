@@ -31,3 +31,43 @@ bench_remove_disks() {
         "${RBD[@]}" rm --no-progress "vms/$d" >/dev/null 2>&1 || true
     done
 }
+
+# bench_agent_conf DIR MAX_SIZE [AGENT_LINE...]: writes DIR/agent.conf for one agent (socket, state and cache
+# under DIR) on the fixtures' Keystone, Glance and Ceph, base GC off; extra lines go into [agent].
+bench_agent_conf() {
+    local d=$1 max=$2 line
+    shift 2
+    {
+        echo "[agent]"
+        echo "socket_path = $d/agent.sock"
+        echo "state_dir = $d/state"
+        for line in "$@"; do echo "$line"; done
+        cat <<CONF
+[glance]
+auth_url = $KEYSTONE_URL
+username = admin
+password = secret
+project_name = admin
+[cache]
+directory = $d/cache
+max_size = $max
+[rbd]
+ceph_conf = $CEPH_CONF
+user = $CEPH_USER
+keyring = $CEPH_USER_KEYRING
+[disks]
+gc_interval = 0
+CONF
+    } >"$d/agent.conf"
+}
+
+# bench_upload FILE DISK_FORMAT [STORE] [NAME]: creates and uploads a Glance image; prints its id.
+bench_upload() {
+    local id
+    id=$(curl -sf -X POST "$GLANCE_URL/v2/images" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/json' \
+        -d "{\"name\":\"${4:-bench}\",\"disk_format\":\"$2\",\"container_format\":\"bare\"}" |
+        python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')
+    curl -sf -X PUT "$GLANCE_URL/v2/images/$id/file" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/octet-stream' \
+        ${3:+-H "X-Image-Meta-Store: $3"} -T "$1" >/dev/null
+    echo "$id"
+}

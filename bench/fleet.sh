@@ -20,39 +20,11 @@ CEPH=(ceph -c "$CEPH_CONF" --id admin --keyring "$CEPH_ADMIN_KEYRING")
 work=$dir/fleet
 rm -rf "$work"; mkdir -p "$work"
 images=()
-upload() {  # file disk_format [store] -> image id
-    local id
-    id=$(curl -sf -X POST "$GLANCE_URL/v2/images" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/json' \
-        -d "{\"name\":\"bench-fleet\",\"disk_format\":\"$2\",\"container_format\":\"bare\"}" |
-        python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')
-    curl -sf -X PUT "$GLANCE_URL/v2/images/$id/file" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/octet-stream' \
-        ${3:+-H "X-Image-Meta-Store: $3"} -T "$1" >/dev/null
-    echo "$id"
-}
-
 pids=()
 start_agent() {  # index
     local d=$work/node-$1
     mkdir -p "$d"
-    cat >"$d/agent.conf" <<EOF
-[agent]
-socket_path = $d/agent.sock
-state_dir = $d/state
-[glance]
-auth_url = $KEYSTONE_URL
-username = admin
-password = secret
-project_name = admin
-[cache]
-directory = $d/cache
-max_size = 4G
-[rbd]
-ceph_conf = $CEPH_CONF
-user = $CEPH_USER
-keyring = $CEPH_USER_KEYRING
-[disks]
-gc_interval = 0
-EOF
+    bench_agent_conf "$d" 4G
     "$IMGCONV" agent --config "$d/agent.conf" --log-level info 2>"$d/agent.log" &
     pids[$1]=$!
 }
@@ -105,7 +77,7 @@ done
 # Warm-up, not counted: every node gets its Keystone token and its Ceph client with a disk of a small raw image in
 # Glance's Ceph store (a glance-clone), as long-running agents have.
 head -c $((16 << 20)) "$dir/mixed.raw" >"$work/small.raw"
-warm=$(upload "$work/small.raw" raw "$GLANCE_RBD_STORE"); images+=("$warm")
+warm=$(bench_upload "$work/small.raw" raw "$GLANCE_RBD_STORE" bench-fleet); images+=("$warm")
 fleet "$warm" warm
 remove_disks warm
 size=$(stat -c %s "$src")
@@ -113,7 +85,7 @@ size=$(stat -c %s "$src")
 single=() p50s=() p90s=() maxs=() ratios=()
 for r in $(seq 1 "$rounds"); do
     # The reference: one node alone, first instance of a fresh upload (nothing cached, no base).
-    ref=$(upload "$src" qcow2); images+=("$ref")
+    ref=$(bench_upload "$src" qcow2 "" bench-fleet); images+=("$ref")
     sync; sleep 2
     create 0 "$ref" "$work/single"
     read -r t m _ <"$work/single"
@@ -124,7 +96,7 @@ for r in $(seq 1 "$rounds"); do
     api 0 -X DELETE "http://a/v1/images/$ref" >/dev/null 2>&1 || true
 
     # The fleet: every node at once, on a fresh upload of the same bytes.
-    img=$(upload "$src" qcow2); images+=("$img")
+    img=$(bench_upload "$src" qcow2 "" bench-fleet); images+=("$img")
     sync; sleep 2
     ops0=$(osd_ops)
     fleet "$img" "r$r"
@@ -145,7 +117,7 @@ for r in $(seq 1 "$rounds"); do
 
     # The second image while the first one's base is collected.
     remove_disks "r$r"
-    img2=$(upload "$src" qcow2); images+=("$img2")
+    img2=$(bench_upload "$src" qcow2 "" bench-fleet); images+=("$img2")
     sync; sleep 1
     api 0 -X POST "http://a/v1/bases/gc?idle=0&image=$img" >"$work/gc.out" &
     gcpid=$!

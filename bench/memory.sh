@@ -13,30 +13,8 @@ src=${1:-$dir/mixed-zlib.qcow2}
 bench_fixtures GLANCE_RBD_STORE
 work=$dir/memory
 rm -rf "$work"; mkdir -p "$work"
-id=$(curl -sf -X POST "$GLANCE_URL/v2/images" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/json' \
-    -d '{"name":"bench-memory","disk_format":"qcow2","container_format":"bare"}' |
-    python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')
-curl -sf -X PUT "$GLANCE_URL/v2/images/$id/file" -H "X-Auth-Token: $TOK" -H 'Content-Type: application/octet-stream' -T "$src" >/dev/null
-cat >"$work/agent.conf" <<EOF
-[agent]
-socket_path = $work/agent.sock
-state_dir = $work/state
-memory_trim_idle = 5s
-[glance]
-auth_url = $KEYSTONE_URL
-username = admin
-password = secret
-project_name = admin
-[cache]
-directory = $work/cache
-max_size = 8G
-[rbd]
-ceph_conf = $CEPH_CONF
-user = $CEPH_USER
-keyring = $CEPH_USER_KEYRING
-[disks]
-gc_interval = 0
-EOF
+id=$(bench_upload "$src" qcow2 "" bench-memory)
+bench_agent_conf "$work" 8G "memory_trim_idle = 5s"
 "$IMGCONV" agent --config "$work/agent.conf" --log-level warning 2>"$work/agent.log" &
 agent=$!
 cleanup() {

@@ -27,7 +27,7 @@ enum CephLibrary {
 
 /// librados' and librbd's functions. Reached only after `CephLibrary.load()` succeeded: every call needs a client
 /// or something made from one.
-nonisolated(unsafe) let ceph: imgconv_ceph_api = {
+let ceph: imgconv_ceph_api = {
     guard case .success(let api) = CephLibrary.loaded else {
         fatalError("a librados or librbd call before a client connected (CephLibrary.load)")
     }

@@ -30,8 +30,6 @@ final class DirectWriter: @unchecked Sendable {
 
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    /// Allocate each range before its direct writes (see `submit`).
-    var allocate = true
     private var inFlight = 0
     private var failure: FileError?
     /// Set by an I/O thread when the file system refused a direct write (EINVAL): the piece went through the
@@ -98,7 +96,7 @@ final class DirectWriter: @unchecked Sendable {
         // exclusive; writes over allocated blocks (unwritten ones too) share it. So the range is allocated first,
         // one cheap call here, and the pieces then really run side by side. Where fallocate is not supported,
         // the writes still work, one at a time.
-        if allocate { _ = fallocate(fd, 0, off_t(offset), off_t(bytes.count)) }
+        _ = fallocate(fd, 0, off_t(offset), off_t(bytes.count))
         var done = 0
         while done < bytes.count {
             let n = min(Self.pieceSize, bytes.count - done)
