@@ -30,10 +30,13 @@ python3 bench/rss_breakdown.py $agent | sed 's/^pid [0-9]*/idle after start/'
 python3 bench/rss_breakdown.py $agent --watch 0.1 >"$work/peak" &
 watcher=$!
 inst=$(cat /proc/sys/kernel/random/uuid)
+t0=$(date +%s.%N)
 curl -sf -m 3600 --unix-socket "$work/agent.sock" -X POST -H 'Content-Type: application/json' \
     -d "{\"instance_uuid\":\"$inst\",\"image_id\":\"$id\"}" http://a/v1/disks >/dev/null
+echo "first instance: $(python3 -c "print('%.2f s' % ($(date +%s.%N) - $t0))")"
 kill -TERM $watcher; wait $watcher || true
 sed 's/^peak of pid [0-9]*/peak of a first-instance build/' "$work/peak"
 echo "VmHWM (kernel's peak): $(awk '/VmHWM/ {print int($2 / 1024)}' /proc/$agent/status) MiB"
 sleep 12
 python3 bench/rss_breakdown.py $agent | sed 's/^pid [0-9]*/idle after the trim/'
+python3 bench/rss_breakdown.py $agent --files

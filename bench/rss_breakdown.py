@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Where a process's resident memory is, from /proc/PID/smaps.
 
-Usage: rss_breakdown.py PID [--watch SECONDS --until-exit]
+Usage: rss_breakdown.py PID [--watch SECONDS | --files]
   Prints the resident MiB by kind: the executable, the Swift runtime and
   Foundation, librados/librbd and their dependencies, other libraries, the
   main heap, glibc's per-thread malloc arenas, thread stacks, other anonymous
   memory (large buffers: the converter's windows, a download's window), and
   the threads by name. With --watch, samples every SECONDS until the process
   exits (or the watch gets SIGINT or SIGTERM) and prints the breakdown of the sample
-  with the most resident memory: the peak.
+  with the most resident memory: the peak. With --files, the mappings with
+  the most resident memory, by path.
 """
 import collections
 import os
@@ -95,8 +96,15 @@ def total(kinds):
     return sum(kinds.values())
 
 
+FILE_KINDS = ('executable', 'swift runtime + Foundation',
+              'librados/librbd + deps', 'other libraries')
+
+
 def report(kinds, threads, title):
-    print('%s: %.1f MiB resident' % (title, total(kinds) / 1024.0))
+    mapped = sum(kinds[k] for k in FILE_KINDS)
+    print('%s: %.1f MiB resident (%.1f MiB file-backed, %.1f MiB anonymous)'
+          % (title, total(kinds) / 1024.0, mapped / 1024.0,
+             (total(kinds) - mapped) / 1024.0))
     for k, v in kinds.items():
         print('  %-30s %7.1f MiB' % (k, v / 1024.0))
     print('  threads: %d (%s)' % (
@@ -106,6 +114,13 @@ def report(kinds, threads, title):
 
 def main():
     pid = int(sys.argv[1])
+    if '--files' in sys.argv:
+        by_path = collections.Counter()
+        for _, _, _, path, rss in regions(pid):
+            by_path[path or '[anonymous]'] += rss
+        for path, rss in by_path.most_common(15):
+            print('  %7.1f MiB  %s' % (rss / 1024.0, path))
+        return
     if '--watch' not in sys.argv:
         kinds, threads = classify(pid)
         report(kinds, threads, 'pid %d' % pid)

@@ -70,7 +70,7 @@ public enum AgentRunner {
     static let shutdownDeadline = 4.5
 
     public static func run(config: AgentConfig, logger: Logger) async throws {
-        MallocArenas.limit(2)
+        MallocTuning.forAgent()
         let http = makeHTTPClient(readTimeout: config.glance.readTimeout)
         let source = makeSource(config, http: http, logger: logger)
         let socketPath = config.agent.socketPath

@@ -6,7 +6,7 @@ import Synchronization
 
 /// Hands the memory freed by finished builds and downloads back to the system once the agent is idle.
 ///
-/// A build frees its buffers (4 MiB conversion and write buffers, the 32 MiB window of a streamed download), but
+/// A build frees its buffers (4 MiB conversion and write buffers, the 16 MiB window of a streamed download), but
 /// glibc keeps the freed pages in its arenas for the next allocation: over back-to-back builds the resident size
 /// settles at about 220 MiB, for an agent that spends most of its life idle on a compute node. Returning the pages
 /// after every build would cost the next build the page faults of fresh memory (measured: 0.07 s on a 1 GiB
@@ -84,14 +84,22 @@ private func malloc_trim(_ pad: Int) -> Int32
 @_silgen_name("mallopt")
 private func mallopt(_ param: Int32, _ value: Int32) -> Int32
 
-/// Caps glibc's malloc arenas. By default every thread that allocates while the others hold their arenas gets one
-/// of its own, up to 8 per core, and a freed page stays in the arena that served it: measured on a first-instance
-/// build, 70 MiB of the agent's 171 MiB peak were thread arenas, and 33 MiB stayed after the idle trim. The agent's
-/// allocations are few and large (buffers), so contention on two arenas costs nothing measurable.
-public enum MallocArenas {
+/// glibc's malloc, set for an agent whose allocations are few and large (buffers) and whose life is mostly idle.
+///
+/// - Arenas capped (`M_ARENA_MAX`). By default every thread that allocates while the others hold their arenas
+///   gets one of its own, up to 8 per core, and a freed page stays in the arena that served it: measured on a
+///   first-instance build, 70 MiB of the agent's 171 MiB peak were thread arenas, and 33 MiB stayed after the idle
+///   trim. Contention on two arenas costs nothing measurable here.
+/// - A fixed mmap threshold (`M_MMAP_THRESHOLD`, 256 KiB). glibc's threshold otherwise rises to the size of the
+///   largest block freed (up to 32 MiB), so after the first build every 4 MiB buffer comes from the heap, where
+///   buffers of overlapping lifetimes fragment it: 27–43 MiB of heap at the peak, against 2 MiB with the threshold
+///   fixed. A buffer that big is mapped on its own and unmapped when freed.
+public enum MallocTuning {
+    static let M_MMAP_THRESHOLD: Int32 = -3
     static let M_ARENA_MAX: Int32 = -8
 
-    public static func limit(_ arenas: Int32) {
-        _ = mallopt(M_ARENA_MAX, arenas)
+    public static func forAgent() {
+        _ = mallopt(M_ARENA_MAX, 2)
+        _ = mallopt(M_MMAP_THRESHOLD, 256 << 10)
     }
 }

@@ -31,7 +31,7 @@ public final class RBDSink: ImageSink, @unchecked Sendable {
     public private(set) var writes = 0
 
     /// `unit` is the zero-detection granule (4 KiB, like qemu-img's -S and `rbd import --sparse-size`).
-    public init(io: IOContext, name: String, order: Int = 22, unit: Int = 4096, maxInFlight: Int = 6) {
+    public init(io: IOContext, name: String, order: Int = 22, unit: Int = 4096, maxInFlight: Int = 4) {
         self.io = io
         self.name = name
         self.order = order

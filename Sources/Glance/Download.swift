@@ -196,9 +196,10 @@ public final class VerifiedDownload: @unchecked Sendable {
                     }
                     buffer.withUnsafeReadableBytes { staging.append(contentsOf: $0) }
                     if staging.count >= blockSize {
+                        let n = staging.count
                         try await submit()
                         progress?(received)
-                        try await limit?.take(blockSize)
+                        try await limit?.take(n)
                     }
                 }
                 if let size = image.size, received < size {
@@ -219,9 +220,12 @@ public final class VerifiedDownload: @unchecked Sendable {
                 try await backoff(&failures, progressed: progressed, detail: "\(error)")
             }
         }
+        // The last block pays for its bytes too (uncharged, a prefetch of many small images ran above the limit).
+        let last = staging.count
         try await submit()
         if let t = inFlight { try await t.value }
         progress?(received)
+        try await limit?.take(last)
 
         var hashes: [String: String] = [:]
         for (d, (algo, want)) in zip(digests, expected) {

@@ -38,6 +38,30 @@ struct AgentEndToEndTests {
         #expect(OpenStack.fileRequests(ia) == 1)
     }
 
+    /// `[prefetch] bandwidth_limit` is one rate for all prefetches: 4 images of 3 MiB (each less than one 4 MiB
+    /// download block, so only the charge for a download's last block paces them) fetched 4 at a time at 4 MiB/s
+    /// take at least 12/4 s together. Before, a download's last block was never charged and they took ~0.3 s.
+    @Test func prefetchesShareOneBandwidthLimit() async throws {
+        let tag = "limited-\(UUID().uuidString.prefix(8).lowercased())"
+        var created: [String] = []
+        for seed in 0..<4 {
+            created.append(try await OpenStack.createImage(OpenStack.testBytes(3 << 20, seed: UInt64(40 + seed)), tags: [tag])["id"] as! String)
+        }
+        let ids = created
+        defer { Task { for id in ids { await OpenStack.deleteImage(id) } } }
+        let agent = try AgentProcess(["prefetch": ["tag": tag, "interval": "1h", "concurrency": "4", "bandwidth_limit": "4M"]])
+        let t0 = Date()
+        try agent.start()
+        defer { agent.stop() }
+        for id in ids {
+            let img = try await agent.waitForImage(id)
+            #expect(img["state"] as? String == "ready", "\(img)")
+        }
+        let took = Date().timeIntervalSince(t0)
+        // Sleeps never end early, so the lower bound holds under any load; the upper one is a hang guard.
+        #expect(took >= 2.95 && took < 120, "12 MiB at 4 MiB/s took \(took) s")
+    }
+
     @Test func fiftyConcurrentRequestsMakeOneDownload() async throws {
         let bytes = OpenStack.testBytes(16 << 20, seed: 31)
         let id = try await OpenStack.createImage(bytes)["id"] as! String
