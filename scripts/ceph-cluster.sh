@@ -19,7 +19,8 @@
 # then fails to bind it although nothing listens.
 #
 # After start, $IMGCONV_CEPH_DIR/env holds: CEPH_CONF, CEPH_FSID, CEPH_ADMIN_KEYRING, and the restricted user
-# the agent uses, as an operator would create it (`profile rbd` on vms, `profile rbd-read-only` on images):
+# the agent uses, as an operator would create it (`profile rbd` on vms, `profile rbd-read-only` on images and
+# on the volume pools volumes-fast and volumes-slow):
 # CEPH_USER=imgconv, CEPH_USER_KEYRING; and the gateway: RGW_ENDPOINT (http://127.0.0.1:PORT), RGW_ACCESS_KEY,
 # RGW_SECRET_KEY (the S3 user `imgconv-test`, made with radosgw-admin user create).
 set -euo pipefail
@@ -30,7 +31,7 @@ OSD_SIZE=${CEPH_OSD_SIZE:-21474836480}
 RGW_PORT=${CEPH_RGW_PORT:-13380}
 RGW_ACCESS_KEY=IMGCONVTESTACCESS001
 RGW_SECRET_KEY=imgconvtestsecret0000000000000000000001
-POOLS="vms images"
+POOLS="vms images volumes-fast volumes-slow"
 IP=127.0.0.1
 CONF=$DIR/ceph.conf
 
@@ -227,9 +228,11 @@ EOF
     for p in $POOLS; do ceph osd pool create "$p" 8 8 replicated >/dev/null 2>&1; done
     for p in $POOLS; do rbd pool init "$p"; done
     # The agent's user, as in README "Ceph set-up": profile rbd on vms, read-only on Glance's images (clones of
-    # Glance's snapshots need no more: the child is registered in the child's pool).
+    # Glance's snapshots need no more: the child is registered in the child's pool) and on Cinder's volume pools
+    # (volumes-fast, volumes-slow: the cinder fixture's backends), which it copies bases from.
     ceph auth get-or-create client.imgconv mon 'profile rbd' \
-        osd 'profile rbd pool=vms, profile rbd-read-only pool=images' mgr 'profile rbd pool=vms' \
+        osd 'profile rbd pool=vms, profile rbd-read-only pool=images, profile rbd-read-only pool=volumes-fast, profile rbd-read-only pool=volumes-slow' \
+        mgr 'profile rbd pool=vms' \
         -o "$DIR/ceph.client.imgconv.keyring"
     chmod 0644 "$DIR/ceph.client.imgconv.keyring"
     log "pools $POOLS ready"

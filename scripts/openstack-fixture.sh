@@ -20,13 +20,21 @@
 # by Glance's default policy). With Ceph a second Glance API, on GLANCE_PRIVATE_PORT (9293), serves the same
 # database and stores with show_image_direct_url and show_multiple_locations off, as most clouds run Glance: only a
 # user with the service role reads an image's locations there, through GET /v2/images/{id}/locations.
+# With Ceph, unless IMGCONV_CINDER=0: a real Cinder (scripts/cinder-fixture.sh: RabbitMQ, cinder-api, -scheduler
+# and -volume with two RBD backends, volume types glance-fast and glance-slow) starts between Keystone and Glance,
+# and Glance gets two cinder stores, cinder-fast and cinder-slow, each bound to its volume type (glance_store's
+# cinder driver; os-brick attaches the RBD volumes through librbd, no kernel rbd). Glance then runs in a private
+# mount namespace where /etc/ceph holds Cinder's cephx keyring, which os-brick reads from there (and /run is a
+# tmpfs: os-brick's probes write blkid's cache). Every SQLite transaction of Glance and Cinder starts with BEGIN
+# IMMEDIATE (scripts/sqlite_immediate.py): concurrent writers otherwise fail with "database is locked".
 #
 # After start, $IMGCONV_FIXTURE_DIR/env holds what tests need:
 #   KEYSTONE_URL, GLANCE_URL, OS_* for the admin and the demo user, GLANCE_STORE_DIR (the file store, so a test can
 #   corrupt an image behind Glance's back), GLANCE_ACCESS_LOG (one line per request, to count GET /file);
 #   with Ceph GLANCE_RBD_STORE and GLANCE_RBD_FSID; with the gateway GLANCE_S3_STORE, GLANCE_S3_BUCKET,
 #   GLANCE_WEB_STORE, GLANCE_WEB_DIR (files put there are served at GLANCE_WEB_URL/<name>); with Ceph
-#   GLANCE_PRIVATE_URL and GLANCE_SERVICE_{USERNAME,PASSWORD,PROJECT_NAME} (Glance's own user: admin and service).
+#   GLANCE_PRIVATE_URL and GLANCE_SERVICE_{USERNAME,PASSWORD,PROJECT_NAME} (Glance's own user: admin and service);
+#   with Cinder GLANCE_CINDER_STORES (cinder-fast,cinder-slow), CINDER_URL, CINDER_POOL_FAST, CINDER_POOL_SLOW.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BASE=${IMGCONV_FIXTURE_DIR:-/tmp/imgconv-openstack}
@@ -37,6 +45,9 @@ WEB_PORT=${WEB_PORT:-13381}
 PY=${PYTHON:-python3}
 VENV=$BASE/venv ETC=$BASE/etc STATE=$BASE/state LOG=$BASE/log RUN=$BASE/run
 CEPH_ENV=${IMGCONV_CEPH_ENV:-}
+CINDER_BASE=$BASE/cinder
+CINDER=""
+[ -n "$CEPH_ENV" ] && [ "${IMGCONV_CINDER:-1}" != 0 ] && CINDER=1
 RGW_ENDPOINT="" RGW_ACCESS_KEY="" RGW_SECRET_KEY=""
 VENV_OPTS=()
 if [ -n "$CEPH_ENV" ]; then
@@ -80,12 +91,44 @@ wait_http() {  # url expected-code seconds
     return 1
 }
 
+# run_glance CONFIG_DIR PORT THREADS NAME ACCESS_LOG: Glance's API under gunicorn (pid file $RUN/NAME.pid). With
+# Cinder, in a private mount namespace: /etc/ceph is Cinder's keyring directory (os-brick's RBD connector reads
+# /etc/ceph/ceph.client.cinder.keyring), /run a small tmpfs, /etc/nvme a private copy (os-brick's probes write there).
+run_glance() {
+    local conf=$1 port=$2 threads=$3 name=$4 access=$5 wrap=()
+    if [ -n "$CINDER" ]; then
+        local nvme=""
+        if [ -d /etc/nvme ]; then nvme=$STATE/etc-nvme; mkdir -p "$nvme"; cp -a /etc/nvme/. "$nvme/"; fi
+        mkdir -p /etc/ceph
+        wrap=(unshare --mount --propagation private -- sh -c '
+            mount --bind "$1" /etc/ceph && mount -t tmpfs -o size=16m,mode=0755 imgconv-glance-run /run || exit 1
+            if [ -n "$2" ]; then mount --bind "$2" /etc/nvme || exit 1; fi
+            shift 2; exec "$@"' sh "$CINDER_BASE/etc/ceph-client" "$nvme")
+    fi
+    env -u CEPH_ARGS OS_GLANCE_CONFIG_DIR="$conf" "${wrap[@]}" "$VENV/bin/gunicorn" --daemon --no-control-socket \
+        --chdir "$ETC" --pythonpath "$HERE" --bind "127.0.0.1:$port" --workers 1 --threads "$threads" --timeout 600 \
+        --pid "$RUN/$name.pid" --access-logfile "$LOG/$access" --error-logfile "$LOG/$name-gunicorn.log" \
+        glance_wsgi:application
+}
+
+# The privsep-helper daemons Glance's os-brick spawned: they detach (ppid 1); found by their config file.
+stop_privsep() {
+    local d
+    for d in /proc/[0-9]*; do
+        tr '\0' '\n' 2>/dev/null <"$d/cmdline" | grep -q 'privsep-helper$' || continue
+        tr '\0' '\n' 2>/dev/null <"$d/cmdline" | grep -qF "$ETC/" || continue
+        kill -TERM "${d#/proc/}" 2>/dev/null && echo "privsep-helper stopped" || true
+    done
+}
+
 start() {
     if alive "$RUN/glance.pid" || alive "$RUN/glance-private.pid" || alive "$RUN/keystone.pid" || alive "$RUN/web.pid"; then
         echo "already running; run '$0 stop' first" >&2
         exit 1
     fi
     mkdir -p "$BASE" "$LOG" "$RUN"
+    # python and gunicorn put the start directory on sys.path: never start from /tmp (a stray http.py there).
+    cd "$BASE"
     if ! "$VENV/bin/python" -c 'import glance, keystone, gunicorn' 2>/dev/null; then
         echo "installing glance, keystone and gunicorn into $VENV (pinned by scripts/openstack-constraints.txt)"
         "$PY" -m venv "${VENV_OPTS[@]}" "$VENV"
@@ -100,6 +143,9 @@ start() {
             "$HERE/openstack-constraints.txt"; grep -E '==' "$HERE/openstack-constraints-s3.txt"; } >"$pins"
         "$VENV/bin/pip" install -q -c "$pins" boto3 python-dateutil
     fi
+    # What later installs into this venv are pinned by (the s3 pins win where they differ).
+    local pins=$HERE/openstack-constraints.txt
+    [ -z "$RGW_ENDPOINT" ] || pins=$BASE/constraints-s3.txt
     if [ -n "$CEPH_ENV" ] && ! "$VENV/bin/python" -c 'import rados, rbd' 2>/dev/null; then
         echo "$VENV/bin/python cannot import rados, rbd: apt-get install python3-rados python3-rbd" >&2
         exit 1
@@ -207,6 +253,41 @@ GLANCE_WEB_URL=http://127.0.0.1:$WEB_PORT"
         wait_http "http://127.0.0.1:$WEB_PORT/" 200 30
     fi
 
+    # ---- Cinder (with Ceph): before Glance, whose cinder stores check their volume types at start-up.
+    local cinder_env=""
+    if [ -n "$CINDER" ]; then
+        CINDER_BASE=$CINDER_BASE VENV=$VENV KS_PORT=$KS_PORT CEPH_ENV=$CEPH_ENV GLANCE_PORT=$G_PORT PINS=$pins \
+            bash "$HERE/cinder-fixture.sh" start
+        backends="$backends, cinder-fast:cinder, cinder-slow:cinder"
+        local t
+        for t in fast slow; do
+            ceph_section="$ceph_section
+[cinder-$t]
+store_description = Cinder volumes of type glance-$t
+cinder_volume_type = glance-$t
+cinder_catalog_info = volumev3::publicURL
+cinder_os_region_name = RegionOne
+cinder_store_auth_address = $K
+cinder_store_user_name = glance
+cinder_store_password = glancepw
+cinder_store_project_name = service
+cinder_store_user_domain_name = Default
+cinder_store_project_domain_name = Default
+cinder_use_multipath = false
+cinder_enforce_multipath = false
+cinder_mount_point_base = $STATE/mnt
+cinder_state_transition_timeout = 120
+rootwrap_config = $VENV/etc/glance/rootwrap.conf"
+        done
+        ceph_section="$ceph_section
+[oslo_concurrency]
+lock_path = $STATE/lock
+[privsep_osbrick]
+helper_command = $VENV/bin/privsep-helper --config-file $ETC/glance-api.conf"
+        cinder_env="GLANCE_CINDER_STORES=cinder-fast,cinder-slow
+$(cat "$CINDER_BASE/env")"
+    fi
+
     # ---- Glance: keystone paste flavor, file store, locations shown (the rbd clone path reads them).
     cat >"$ETC/glance-api.conf" <<EOF
 [DEFAULT]
@@ -278,9 +359,9 @@ delay_auth_decision = true
 paste.filter_factory = oslo_middleware:HTTPProxyToWSGI.factory
 EOF
     "$VENV/bin/glance-manage" --config-file "$ETC/glance-api.conf" db_sync >>"$LOG/glance-manage.log" 2>&1
-    OS_GLANCE_CONFIG_DIR=$ETC "$VENV/bin/gunicorn" --daemon --no-control-socket --bind "127.0.0.1:$G_PORT" \
-        --workers 1 --threads 8 --timeout 600 --pid "$RUN/glance.pid" --access-logfile "$LOG/access.log" \
-        --error-logfile "$LOG/glance-gunicorn.log" glance.wsgi.api:application
+    printf 'import sqlite_immediate  # noqa: F401\nfrom glance.wsgi.api import application  # noqa: E402,F401\n' \
+        >"$ETC/glance_wsgi.py"
+    run_glance "$ETC" "$G_PORT" 8 glance access.log
     wait_http "http://127.0.0.1:$G_PORT/healthcheck" 200 120
     local code
     code=$(curl -m 30 -s -o /dev/null -w '%{http_code}' -H "X-Auth-Token: $(token admin secret admin)" "http://127.0.0.1:$G_PORT/v2/images")
@@ -294,9 +375,8 @@ EOF
             -e "s|^log_file = .*|log_file = $LOG/glance-api-private.log|" "$ETC/glance-api.conf" >"$ETC/private/glance-api.conf"
         cp "$ETC/glance-api-paste.ini" "$ETC/private/"
         sed -i "s|^config_file = .*|config_file = $ETC/private/glance-api-paste.ini|" "$ETC/private/glance-api.conf"
-        OS_GLANCE_CONFIG_DIR=$ETC/private "$VENV/bin/gunicorn" --daemon --no-control-socket --bind "127.0.0.1:$GP_PORT" \
-            --workers 1 --threads 4 --timeout 600 --pid "$RUN/glance-private.pid" --access-logfile "$LOG/access-private.log" \
-            --error-logfile "$LOG/glance-private-gunicorn.log" glance.wsgi.api:application
+        sed -i "s|--config-file $ETC/glance-api.conf|--config-file $ETC/private/glance-api.conf|" "$ETC/private/glance-api.conf"
+        run_glance "$ETC/private" "$GP_PORT" 4 glance-private access-private.log
         wait_http "http://127.0.0.1:$GP_PORT/healthcheck" 200 120
         ceph_env="$ceph_env
 GLANCE_PRIVATE_URL=http://127.0.0.1:$GP_PORT
@@ -318,6 +398,7 @@ DEMO_PROJECT_NAME=demo
 GLANCE_STORE_DIR=$STATE/images
 GLANCE_ACCESS_LOG=$LOG/access.log
 $ceph_env
+$cinder_env
 EOF
     echo "keystone on :$KS_PORT, glance on :$G_PORT; env in $BASE/env"
 }
@@ -325,6 +406,8 @@ EOF
 case "${1:-}" in
     start) start ;;
     stop) stop_one "$RUN/glance.pid" glance; stop_one "$RUN/glance-private.pid" glance-private
+          stop_privsep
+          CINDER_BASE=$CINDER_BASE bash "$HERE/cinder-fixture.sh" stop
           stop_one "$RUN/keystone.pid" keystone; stop_one "$RUN/web.pid" web ;;
     env) echo "$BASE/env" ;;
     token) token admin secret admin ;;

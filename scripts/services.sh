@@ -1,5 +1,5 @@
 # Sourced by scripts/test.sh and scripts/ceph-soak.sh: starts the real services the tests use (a single-node Ceph
-# cluster, then Keystone and Glance with its rbd store) unless they already run, in the background while the
+# cluster, then Keystone, Cinder and Glance with its rbd and cinder stores) unless they already run, in the background while the
 # caller builds, and stops on exit exactly what it started.
 #   services_start     start what is not running (returns at once; call services_wait before the tests)
 #   services_wait      wait for the start to finish
@@ -8,7 +8,7 @@ envfile=$(bash scripts/openstack-fixture.sh env)
 started_ceph="" started_os="" services_pid=""
 ceph_up() { [ -f "$cephenv" ] && timeout 10 ceph -c "$(. "$cephenv"; echo "$CEPH_CONF")" --id admin \
     --keyring "$(. "$cephenv"; echo "$CEPH_ADMIN_KEYRING")" --connect-timeout 5 health >/dev/null 2>&1; }
-glance_up() { [ -f "$envfile" ] && grep -q '^GLANCE_PRIVATE_URL=' "$envfile" &&
+glance_up() { [ -f "$envfile" ] && grep -q '^GLANCE_PRIVATE_URL=' "$envfile" && grep -q '^GLANCE_CINDER_STORES=' "$envfile" &&
     curl -sf -m 5 -o /dev/null "$(. "$envfile"; echo "$GLANCE_URL")/healthcheck"; }
 services_stop() {
     [ -n "$started_os" ] && bash scripts/openstack-fixture.sh stop >/dev/null || true
