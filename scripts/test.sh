@@ -19,7 +19,7 @@ services_wait
 # limits) measure. The multi-store tests run there too: Glance's import tasks (copy-image, location import)
 # write to its sqlite in the background and fail with "database is locked" when other suites write at the same
 # time.
-serial='AgentLoadTests|aFleetOfAgentsMakesOneBaseFromOneGlanceRead|twoThousandConnectionsFromARefusedUIDDoNotDelayOthers|HostileImageTests|shutdownStopsAForceRawConversion|GlanceStoreTests|StoreCopyTests'
+serial='CinderStoreTests|AgentLoadTests|aFleetOfAgentsMakesOneBaseFromOneGlanceRead|twoThousandConnectionsFromARefusedUIDDoNotDelayOthers|HostileImageTests|shutdownStopsAForceRawConversion|GlanceStoreTests|StoreCopyTests'
 swift test --skip-build --skip "$serial"
 swift test --skip-build --no-parallel --filter "$serial"
 # The Python client (clients/python) against a real agent, and the agent's answers against api/openapi.yaml.

@@ -61,6 +61,10 @@ public enum AgentRunner {
             s.baseWait = Int(r.baseWait)
             s.copyToStore = config.glance.copyToStore
             s.copyTimeout = config.glance.copyTimeout
+            s.cinder = config.cinder.enabled
+            s.cinderEndpoint = config.cinder.endpointOverride
+            s.cinderTimeout = Int64(config.cinder.timeout.rounded(.up))
+            s.cinderStores = config.cinder.stores
             return RBDBackend(settings: s, logger: logger)
         }
         return LocalBackend(instancesDir: config.instancesDirectory, stateDir: config.agent.stateDir, logger: logger)

@@ -84,6 +84,14 @@ public struct AgentConfig: Sendable {
         public var novaConf: String?
     }
     /// `[disks]`: both backends.
+    /// `[cinder]`: Glance's cinder stores on this Ceph cluster (`cinder-clone`). Credentials are `[glance]`'s.
+    public struct CinderSection: Sendable {
+        public var enabled = true
+        public var endpointOverride: String?
+        public var timeout: Double = 15
+        /// `[cinder_stores]`: Glance cinder store id → RBD pool of its back end.
+        public var stores: [String: String] = [:]
+    }
     public struct DisksSection: Sendable {
         /// Local backend: where `<instance_uuid>/disk` overlays go (Nova's instances_path).
         public var instancesDir: String?
@@ -101,6 +109,7 @@ public struct AgentConfig: Sendable {
     public var prefetch = PrefetchSection()
     public var rbd: RBDSection?
     public var disks = DisksSection()
+    public var cinder = CinderSection()
 
     public init() {}
 
@@ -126,8 +135,8 @@ public struct AgentConfig: Sendable {
             if line.hasPrefix("[") {
                 guard line.hasSuffix("]") else { throw ConfigError("\(at): malformed section header '\(line)'") }
                 let s = String(line.dropFirst().dropLast()).trimmingCharacters(in: .whitespaces)
-                guard ["agent", "glance", "cache", "prefetch", "rbd", "disks", "DEFAULT"].contains(s) else {
-                    throw ConfigError("\(at): unknown section [\(s)] (known: agent, glance, cache, prefetch, rbd, disks)")
+                guard ["agent", "glance", "cache", "prefetch", "rbd", "disks", "cinder", "cinder_stores", "DEFAULT"].contains(s) else {
+                    throw ConfigError("\(at): unknown section [\(s)] (known: agent, glance, cache, prefetch, rbd, disks, cinder, cinder_stores)")
                 }
                 if s == "rbd" && c.rbd == nil { c.rbd = RBDSection() }
                 section = s
@@ -262,6 +271,13 @@ public struct AgentConfig: Sendable {
         case ("disks", "gc_idle"): disks.gcIdle = try Self.duration(v, in: 0...(3650 * 86400))
         case ("disks", "gc_interval"): disks.gcInterval = try Self.duration(v, zeroOr: 1...(30 * 86400))
         case ("disks", "max_size"): disks.maxSize = try Self.size(v, in: (1 << 20)...(64 << 40))
+        case ("cinder", "enabled"): cinder.enabled = try Self.bool(v)
+        case ("cinder", "endpoint_override"): cinder.endpointOverride = v.isEmpty ? nil : try Self.url(v)
+        case ("cinder", "timeout"): cinder.timeout = try Self.duration(v, in: 1...600)
+        case ("cinder_stores", _):
+            // `<Glance cinder store> = <RBD pool>`
+            guard !key.isEmpty, !v.isEmpty else { throw ConfigError("expected '<Glance cinder store> = <RBD pool>'") }
+            cinder.stores[try Self.token(key)] = try Self.token(v)
         default:
             throw ConfigError("unknown key")
         }

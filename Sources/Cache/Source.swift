@@ -9,10 +9,14 @@ public protocol ImageSource: Sendable {
     /// The Glance client behind this source, for the calls beyond show and download (copy-image, locations);
     /// nil for a source that is not Glance.
     var glance: GlanceClient? { get }
+    /// Whether images from this source must match Glance's hashes (`[glance] verify_hash`); bytes read some other
+    /// way (a Cinder volume) are held to the same rule.
+    var verifiesHashes: Bool { get }
 }
 
 extension ImageSource {
     public var glance: GlanceClient? { nil }
+    public var verifiesHashes: Bool { true }
 }
 
 /// Glance v2 as an image source, downloads verified and resumable.
@@ -33,6 +37,8 @@ public struct GlanceSource: ImageSource {
     public func show(_ id: String) async throws -> GlanceImage { try await client.show(id) }
 
     public var glance: GlanceClient? { client }
+
+    public var verifiesHashes: Bool { verify }
 
     public func download(_ image: GlanceImage, into sink: any DownloadSink, throttled: Bool,
                          progress: DownloadProgress?) async throws -> DownloadResult {

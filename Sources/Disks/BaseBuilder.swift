@@ -47,8 +47,9 @@ final class BaseBuilder: Sendable {
         }
     }
 
-    /// Returns the base once it is complete, building it if no other agent is.
-    func ensure(_ image: GlanceImage, cache: ImageCache, source: any ImageSource) async throws -> Base {
+    /// Returns the base once it is complete, building it if no other agent is: from `volume` (the image's Cinder
+    /// volume in this cluster) when given, otherwise from the cache or Glance.
+    func ensure(_ image: GlanceImage, cache: ImageCache, source: any ImageSource, volume: CinderVolumeImage? = nil) async throws -> Base {
         let base = settings.baseName(image.id), snapshot = settings.snapshot
         let deadline = ContinuousClock.now + .seconds(settings.baseWait)
         var delay = 0.05
@@ -86,7 +87,7 @@ final class BaseBuilder: Sendable {
                     }
                     // Waited for another builder and its base never appeared, or fenced a stalled one: a take-over.
                     if waited || lease.fenced != nil { stats.add(\.takeovers) }
-                    let written = try await build(image, base: base, lease: lease, cache: cache, source: source)
+                    let written = try await build(image, base: base, lease: lease, cache: cache, source: source, volume: volume)
                     await cleanup { lease.release() }
                     stats.add(\.basesBuilt)
                     guard let size = try await pool.run(.calls, { try Self.readyBase($0, base, snapshot: snapshot) }) else {
@@ -113,7 +114,8 @@ final class BaseBuilder: Sendable {
     /// Builds the base under the lease into `<base>.part-<cookie>` with the lease's own client, then publishes it
     /// (snapshot, protect, rename) right after a renewal. The lease is renewed every third of its duration; if a
     /// renewal fails the copy stops and the part is removed. Cancellation stops it the same way.
-    func build(_ image: GlanceImage, base: String, lease: BuildLease, cache: ImageCache, source: any ImageSource) async throws -> UInt64 {
+    func build(_ image: GlanceImage, base: String, lease: BuildLease, cache: ImageCache, source: any ImageSource,
+               volume: CinderVolumeImage?) async throws -> UInt64 {
         let started = ContinuousClock.now
         let io = lease.io, snapshot = settings.snapshot, logger = self.logger
         let part = "\(base).part-\(lease.cookie.prefix(8))"
@@ -139,7 +141,11 @@ final class BaseBuilder: Sendable {
 
         let written: UInt64
         do {
-            written = try await copy(image, into: part, io: io, cache: cache, source: source, stop: stop)
+            if let volume {
+                written = try await copy(image, from: volume, into: part, io: io, verify: source.verifiesHashes, stop: stop)
+            } else {
+                written = try await copy(image, into: part, io: io, cache: cache, source: source, stop: stop)
+            }
         } catch {
             await cleanup { try? Self.removeWithSnapshots(io, part) }
             if Self.isFenced(error) { throw DiskError.fenced }
@@ -222,6 +228,54 @@ final class BaseBuilder: Sendable {
             let (verdict, opened) = ImageInspector.inspect(path: path, declared: format)
             guard verdict.safe, let opened else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
             return try Self.convert(opened, into: part, io: io, order: order, token: token, stop: stop)
+        }
+    }
+
+    /// The image's Cinder volume into the part, inside the cluster: the first `size` bytes of `<pool>/volume-<id>`
+    /// (the volume is rounded up to whole GiB) are hashed against Glance's `os_hash_value` (or `checksum`), inspected
+    /// as the declared format, and converted into the part through librbd. Nothing goes through glance-api or local
+    /// disk, and the volume is only read: no snapshot of it, so Cinder can delete it (with the Glance image) while
+    /// disks of the base exist.
+    func copy(_ image: GlanceImage, from volume: CinderVolumeImage, into part: String, io: IOContext, verify: Bool,
+              stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
+        guard let size = image.size,
+              let format = CacheError.declaredFormat(diskFormat: image.diskFormat, containerFormat: image.containerFormat) else {
+            throw DiskError.unsafe(id: image.id, reasons: ["unsupported-format: \(image.diskFormat ?? "none")/\(image.containerFormat ?? "none")"])
+        }
+        let expected = try VerifiedDownload.expectations(image, verify: verify)
+        let order = settings.order, logger = self.logger
+        logger.info("building base from the image's Cinder volume", metadata: ["base": "\(io.pool)/\(part)", "volume": "\(volume)",
+                                                                            "via": "\(volume.via)", "format": "\(format.rawValue)"])
+        return try await offload(.jobs) { token throws -> UInt64 in
+            let v = try io.cluster.ioContext(pool: volume.pool).openImage(volume.image, readOnly: true)
+            defer { v.close() }
+            let storage = try RBDStorage(v, size: size)
+            try Self.verify(storage, image: image, expected: expected, cancelled: { stop() || token.isCancelled })
+            let (verdict, opened) = ImageInspector.inspect(storage: storage, declared: format)
+            guard verdict.safe, let opened else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
+            return try Self.convert(opened, into: part, io: io, order: order, token: token, stop: stop)
+        }
+    }
+
+    /// Hashes all of `storage` (4 MiB reads) and compares with Glance's hashes.
+    static func verify(_ storage: RBDStorage, image: GlanceImage, expected: [(String, String?)],
+                       cancelled: () -> Bool) throws {
+        var digests = expected.compactMap { ImageDigest(algorithm: $0.0) }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        var at: UInt64 = 0
+        while at < storage.size {
+            if cancelled() { throw CancellationError() }
+            let n = Int(min(UInt64(buffer.count), storage.size - at))
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
+            try storage.read(into: slice, at: at, what: "image bytes")
+            for i in digests.indices { digests[i].update(UnsafeRawBufferPointer(slice)) }
+            at += UInt64(n)
+        }
+        for (d, (algo, want)) in zip(digests, expected) {
+            if let want, d.hex() != want {
+                throw GlanceError.integrity(imageID: image.id, algorithm: algo, expected: want, actual: d.hex())
+            }
         }
     }
 

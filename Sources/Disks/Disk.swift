@@ -29,6 +29,11 @@ public enum DiskMethod: String, Sendable, Codable {
     case glanceClone = "glance-clone"
     /// Glance copied the image into a local rbd store first (`[glance] copy_to_store`), then a clone of the copy.
     case copyToStore = "copy-to-store"
+    /// A raw image whose Glance store is Cinder on this cluster: a clone of a shared base this request copied from
+    /// the image's volume inside the cluster (verified and inspected; nothing through glance-api).
+    case cinderClone = "cinder-clone"
+    /// The same for another format: converted from the volume through librbd into the shared base.
+    case cinderConvert = "cinder-convert"
     /// A clone of a shared base this request built (download, convert, stream into RBD).
     case baseBuilt = "base-built"
     /// A clone of a shared base that already existed, or that another agent built while this one waited.
@@ -53,7 +58,7 @@ public struct DiskInfo: Sendable, Equatable, Codable {
     public var seconds: Double?
     /// Bytes written into the cluster (or the local base) for this request: 0 for a clone of an existing base.
     public var bytesWritten: UInt64?
-    /// Why a cheaper path (copy-to-store) was not taken, when it was tried.
+    /// Why a cheaper path (Glance clone, cinder-clone, copy-to-store) was not taken, when it was tried.
     public var fallback: String?
 
     public init(name: String, backend: String, location: String, size: UInt64, parent: String? = nil,

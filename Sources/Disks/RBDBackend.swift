@@ -11,6 +11,8 @@ import SystemIO
 ///
 /// - `GlanceClonePlanner`: the image is raw and Glance keeps it in this cluster: its snapshot is inspected and
 ///   cloned. Nothing is downloaded or written.
+/// - `CinderLocator`: the image is in a Glance cinder store whose volumes are RBD images of this cluster: the
+///   shared base is made from the volume inside the cluster (`cinder-clone`, `cinder-convert`).
 /// - `BaseBuilder` and `BuildLease`: otherwise one shared base per Glance image, built once cluster-wide under a
 ///   fenced lease, and every instance is a clone of it.
 /// - `BaseGC`: bases nobody uses, and leftovers of dead builders.
@@ -85,7 +87,20 @@ public final class RBDBackend: DiskBackend, Sendable {
         }
 
         var fallback = planned.hidden
-        if image.diskFormat == "raw", let copier, let glance = source.glance {
+        var volume: CinderVolumeImage?
+        // Only for a base still to build: once it exists, every disk is a clone of it whatever its source was.
+        let baseName = settings.baseName(image.id), snapshot = settings.snapshot
+        if settings.cinder, try await pool.run(.calls, { try BaseBuilder.readyBase($0, baseName, snapshot: snapshot) }) == nil {
+            switch await cinderLocator(source.glance).locate(image, glance: source.glance) {
+            case .none: break
+            case let .found(v): volume = v
+            case let .unusable(why):
+                try Task.checkCancellation()
+                logger.warning("the image's Cinder volume is not used; building the base from Glance", metadata: ["image": "\(image.id)", "reason": "\(why)"])
+                fallback = why
+            }
+        }
+        if volume == nil, image.diskFormat == "raw", let copier, let glance = source.glance {
             switch await copier.copy(image, glance: glance) {
             case let .copied(location):
                 var info = try await planner.clone(location, request: request)
@@ -101,13 +116,13 @@ public final class RBDBackend: DiskBackend, Sendable {
             }
         }
 
-        let base = try await builder.ensure(image, cache: cache, source: source)
-        let snapshot = settings.snapshot
+        let base = try await builder.ensure(image, cache: cache, source: source, volume: volume)
+        let built: DiskMethod = volume == nil ? .baseBuilt : image.diskFormat == "raw" ? .cinderClone : .cinderConvert
         var info = try await pool.run { io throws -> DiskInfo in
             let size = try Self.clone(io, base.name, snapshot, virtualSize: base.size, request: request, into: io)
             return DiskInfo(name: name, backend: "rbd", location: "\(io.pool)/\(name)", size: size,
                             parent: "\(io.pool)/\(base.name)@\(snapshot)", imageID: image.id,
-                            method: base.built ? .baseBuilt : .baseReused, bytesWritten: base.written)
+                            method: base.built ? built : .baseReused, bytesWritten: base.written)
         }
         info.fallback = fallback
         info.seconds = started.duration(to: .now).seconds
@@ -115,6 +130,15 @@ public final class RBDBackend: DiskBackend, Sendable {
         logger.info("disk ready", metadata: ["disk": "\(info.location)", "method": "\(info.method!.rawValue)",
                                              "seconds": "\(info.seconds!)"])
         return info
+    }
+
+    func cinderLocator(_ glance: GlanceClient?) -> CinderLocator {
+        let s = settings
+        let client = glance.map {
+            CinderClient(http: $0.http, auth: $0.endpoint.auth, interface: $0.endpoint.interface, region: $0.endpoint.region,
+                         endpointOverride: s.cinderEndpoint, timeout: .seconds(s.cinderTimeout), logger: logger)
+        }
+        return CinderLocator(cinder: client, stores: s.cinderStores, pool: pool, logger: logger)
     }
 
     /// Clones `source/parent@snapshot` into `<pool>/<instance>_disk` and grows it to the requested size: one

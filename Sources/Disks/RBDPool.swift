@@ -24,6 +24,15 @@ public struct RBDSettings: Sendable, Equatable {
     public var copyToStore: String?
     /// `[glance] copy_timeout`: seconds to wait for that copy before building the base instead.
     public var copyTimeout: Double = 600
+    /// `[cinder] enabled`: look for an image's Cinder volume in this cluster (`cinder-clone`).
+    public var cinder = true
+    /// `[cinder] endpoint_override`: the block-storage API (`http://host:8776/v3/<project_id>`) instead of the
+    /// catalog's `volumev3`.
+    public var cinderEndpoint: String?
+    /// `[cinder] timeout`: seconds for one Cinder API request.
+    public var cinderTimeout: Int64 = 15
+    /// `[cinder_stores]`: Glance cinder store → the RBD pool of its volume type's back end (no API call needed).
+    public var cinderStores: [String: String] = [:]
 
     public init(ceph: CephConfiguration) { self.ceph = ceph }
 

@@ -39,6 +39,17 @@ final class RBDStorage: ImageStorage, @unchecked Sendable {
         size = try image.stat().size
     }
 
+    /// The first `size` bytes of the image (a Cinder volume holds the image file at its start).
+    init(_ image: RBDImage, size: UInt64) throws {
+        self.image = image
+        name = "rbd:\(image.io.pool)/\(image.name)"
+        let whole = try image.stat().size
+        guard size <= whole else {
+            throw ImageError.pastEndOfFile(what: "image file", offset: 0, length: size, fileSize: whole)
+        }
+        self.size = size
+    }
+
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, what: String) throws {
         guard offset <= size, UInt64(buffer.count) <= size - offset else {
             throw ImageError.pastEndOfFile(what: what, offset: offset, length: UInt64(buffer.count), fileSize: size)

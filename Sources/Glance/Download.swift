@@ -88,7 +88,12 @@ public final class VerifiedDownload: @unchecked Sendable {
     /// has one, the legacy md5 `checksum` only when it has not, as glanceclient verifies. md5 next to sha512 would
     /// add nothing but CPU (0.4 s per 300 MB, on the cores the conversion needs): a body that matches sha512 can
     /// differ from Glance's md5 only if Glance's own records disagree.
-    func expectations() throws -> [(String, String?)] {
+    func expectations() throws -> [(String, String?)] { try Self.expectations(image, verify: verify) }
+
+    /// The hashes to compute over an image's bytes, each with the value Glance recorded (nil: computed for the
+    /// record only): `os_hash_algo`/`os_hash_value`, else the md5 `checksum`. With `verify`, an image with neither
+    /// is refused.
+    public static func expectations(_ image: GlanceImage, verify: Bool) throws -> [(String, String?)] {
         var out: [(String, String?)] = []
         if let algo = image.osHashAlgo, let value = image.osHashValue, !algo.isEmpty, !value.isEmpty {
             guard ImageDigest(algorithm: algo) != nil else { throw GlanceError.unsupportedHash(imageID: image.id, algorithm: algo) }

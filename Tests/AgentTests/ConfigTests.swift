@@ -115,6 +115,16 @@ struct ConfigTests {
         #expect(message(minimal + "\ncopy_to_store = ceph 1").contains("[glance] copy_to_store"))
         #expect(message(minimal + "\ncopy_timeout = 0").contains("[glance] copy_timeout: '0' is out of range"))
         #expect(message(minimal + "\nread_timeout = 1e300").contains("[glance] read_timeout"))
+        // Cinder: store names and pools are names, the timeout is bounded, the endpoint is a URL.
+        #expect(message(minimal + "\n[cinder_stores]\ncinder-fast = ../etc").contains("[cinder_stores] cinder-fast: '../etc' is not a name"))
+        #expect(message(minimal + "\n[cinder_stores]\ncinder fast = volumes").contains("is not a name"))
+        #expect(message(minimal + "\n[cinder_stores]\ncinder-fast =").contains("[cinder_stores] cinder-fast"))
+        #expect(message(minimal + "\n[cinder]\ntimeout = 0").contains("[cinder] timeout: '0' is out of range"))
+        #expect(message(minimal + "\n[cinder]\nendpoint_override = cinder:8776").contains("[cinder] endpoint_override"))
+        let cinder = try? AgentConfig.parse(minimal + "\n[cinder]\nenabled = false\nendpoint_override = http://c:8776/v3/p\ntimeout = 5\n"
+                                            + "[cinder_stores]\ncinder-fast = volumes-fast\ncinder-slow = volumes-slow")
+        #expect(cinder?.cinder.enabled == false && cinder?.cinder.endpointOverride == "http://c:8776/v3/p" && cinder?.cinder.timeout == 5)
+        #expect(cinder?.cinder.stores == ["cinder-fast": "volumes-fast", "cinder-slow": "volumes-slow"])
         let ok = try? AgentConfig.parse(minimal + "\nprefer_stores = ceph1, file1\ncopy_to_store = ceph1\ncopy_timeout = 5m\nread_timeout = 30")
         #expect(ok?.glance.preferStores == ["ceph1", "file1"] && ok?.glance.copyToStore == "ceph1")
         #expect(ok?.glance.copyTimeout == 300 && ok?.glance.readTimeout == 30)

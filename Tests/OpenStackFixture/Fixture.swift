@@ -273,6 +273,31 @@ public enum OpenStack {
         throw FixtureError("upload of \(id): unreachable")
     }
 
+    /// Glance's cinder stores (cinder-fast, cinder-slow) when the fixture runs Cinder.
+    public static var cinderStores: [String] { env["GLANCE_CINDER_STORES"]?.split(separator: ",").map(String.init) ?? [] }
+
+    /// The RBD pool of each cinder store's back end, as the fixture sets them up.
+    public static var cinderPools: [String: String] {
+        ["cinder-fast": env["CINDER_POOL_FAST"] ?? "volumes-fast", "cinder-slow": env["CINDER_POOL_SLOW"] ?? "volumes-slow"]
+    }
+
+    /// `GET <cinder>/<admin project>/<path>` as admin: the status and the JSON body.
+    public static func cinder(_ path: String) async throws -> (Int, Any?) {
+        guard let base = env["CINDER_URL"] else { throw FixtureError("the fixture runs no Cinder") }
+        let token = try await adminToken()
+        let (_, projects) = try await get(keystoneURL, "/projects?name=admin", token: token)
+        guard let project = ((projects as? [String: Any])?["projects"] as? [[String: Any]])?.first?["id"] as? String else {
+            throw FixtureError("no admin project in Keystone")
+        }
+        return try await get(base + "/" + project, path, token: token)
+    }
+
+    /// The Cinder volume behind an image's `cinder://<store>/<volume>` location.
+    public static func cinderVolume(ofImage image: [String: Any]) -> String? {
+        ((image["locations"] as? [[String: Any]]) ?? []).compactMap { $0["url"] as? String }
+            .first { $0.hasPrefix("cinder://") }.map { String($0.split(separator: "/").last!) }
+    }
+
     public static func deleteImage(_ id: String) async {
         _ = try? await glance("DELETE", "/v2/images/\(id)")
     }
