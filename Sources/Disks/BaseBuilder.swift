@@ -142,7 +142,7 @@ final class BaseBuilder: Sendable {
         let written: UInt64
         do {
             if let volume {
-                written = try await copy(image, from: volume, into: part, io: io, verify: source.verifiesHashes, stop: stop)
+                written = try await copy(image, from: volume, into: part, io: io, cache: cache, verify: source.verifiesHashes, stop: stop)
             } else {
                 written = try await copy(image, into: part, io: io, cache: cache, source: source, stop: stop)
             }
@@ -197,27 +197,15 @@ final class BaseBuilder: Sendable {
               stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
         let order = settings.order, logger = self.logger
         let cached = try await cache.image(image.id)?.state == .ready
+        let download: Fill = { sink in _ = try await source.download(image, into: sink, throttled: false, progress: nil) }
         if image.diskFormat == "raw", !cached, let size = image.virtualSize ?? image.size {
             logger.info("building base from Glance", metadata: ["base": "\(io.pool)/\(part)", "image": "\(image.id)"])
-            let sink = RBDSink(io: io, name: part, order: order)
-            do {
-                try await offload { try sink.begin(virtualSize: size) }
-                _ = try await source.download(image, into: RBDStreamSink(sink, stop: stop), throttled: false, progress: nil)
-                try await offload(.jobs) {
-                    try sink.finish()
-                    let (verdict, _) = ImageInspector.inspect(storage: try RBDStorage(io.openImage(part, readOnly: true)), declared: .raw)
-                    guard verdict.safe else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
-                }
-            } catch {
-                await cleanup { sink.abort() }
-                throw error
-            }
-            return sink.bytesWritten
+            return try await streamRaw(image, size: size, part: part, io: io, fill: download, stop: stop)
         }
         if !cached, let size = image.size,
            let format = CacheError.declaredFormat(diskFormat: image.diskFormat, containerFormat: image.containerFormat) {
-            return try await streamConvert(image, format: format, size: size, part: part, io: io, cache: cache,
-                                           source: source, stop: stop)
+            return try await streamConvert(image, format: format, size: size, part: part, io: io,
+                                           directory: cache.config.directory, fill: download, stop: stop)
         }
         let row = try await cache.acquire(image.id)
         defer { Task { await cache.release(image.id) } }
@@ -232,51 +220,61 @@ final class BaseBuilder: Sendable {
     }
 
     /// The image's Cinder volume into the part, inside the cluster: the first `size` bytes of `<pool>/volume-<id>`
-    /// (the volume is rounded up to whole GiB) are hashed against Glance's `os_hash_value` (or `checksum`), inspected
-    /// as the declared format, and converted into the part through librbd. Nothing goes through glance-api or local
-    /// disk, and the volume is only read: no snapshot of it, so Cinder can delete it (with the Glance image) while
-    /// disks of the base exist.
-    func copy(_ image: GlanceImage, from volume: CinderVolumeImage, into part: String, io: IOContext, verify: Bool,
-              stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
+    /// (the volume is rounded up to whole GiB) are read front to back through librbd (`VolumeStream`), hashed
+    /// against Glance's `os_hash_value` (or `checksum`) on the way, and go down the same pipeline as a download from
+    /// Glance: straight into the part for a raw image, through a conversion that follows the stream for the other
+    /// formats; the full inspection runs before anything is published. Nothing goes through glance-api, and the
+    /// volume is only read: no snapshot of it, so Cinder can delete it (with the Glance image) while disks of the
+    /// base exist.
+    func copy(_ image: GlanceImage, from volume: CinderVolumeImage, into part: String, io: IOContext, cache: ImageCache,
+              verify: Bool, stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
         guard let size = image.size,
               let format = CacheError.declaredFormat(diskFormat: image.diskFormat, containerFormat: image.containerFormat) else {
             throw DiskError.unsafe(id: image.id, reasons: ["unsupported-format: \(image.diskFormat ?? "none")/\(image.containerFormat ?? "none")"])
         }
         let expected = try VerifiedDownload.expectations(image, verify: verify)
-        let order = settings.order, logger = self.logger
         logger.info("building base from the image's Cinder volume", metadata: ["base": "\(io.pool)/\(part)", "volume": "\(volume)",
                                                                             "via": "\(volume.via)", "format": "\(format.rawValue)"])
-        return try await offload(.jobs) { token throws -> UInt64 in
-            let v = try io.cluster.ioContext(pool: volume.pool).openImage(volume.image, readOnly: true)
-            defer { v.close() }
-            let storage = try RBDStorage(v, size: size)
-            try Self.verify(storage, image: image, expected: expected, cancelled: { stop() || token.isCancelled })
-            let (verdict, opened) = ImageInspector.inspect(storage: storage, declared: format)
-            guard verdict.safe, let opened else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
-            return try Self.convert(opened, into: part, io: io, order: order, token: token, stop: stop)
+        let source = try await offload { try io.cluster.ioContext(pool: volume.pool).openImage(volume.image, readOnly: true) }
+        let stream = VolumeStream(image: source, size: size)
+        let fill: Fill = { sink in try await stream.stream(into: sink, imageID: image.id, expected: expected, stop: stop) }
+        let written: UInt64
+        do {
+            if format == .raw {
+                written = try await streamRaw(image, size: size, part: part, io: io, fill: fill, stop: stop)
+            } else {
+                written = try await streamConvert(image, format: format, size: size, part: part, io: io,
+                                                  directory: cache.config.directory, fill: fill, stop: stop)
+            }
+        } catch {
+            await cleanup { source.close() }
+            throw error
         }
+        await cleanup { source.close() }
+        return written
     }
 
-    /// Hashes all of `storage` (4 MiB reads) and compares with Glance's hashes.
-    static func verify(_ storage: RBDStorage, image: GlanceImage, expected: [(String, String?)],
-                       cancelled: () -> Bool) throws {
-        var digests = expected.compactMap { ImageDigest(algorithm: $0.0) }
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
-        defer { buffer.deallocate() }
-        var at: UInt64 = 0
-        while at < storage.size {
-            if cancelled() { throw CancellationError() }
-            let n = Int(min(UInt64(buffer.count), storage.size - at))
-            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
-            try storage.read(into: slice, at: at, what: "image bytes")
-            for i in digests.indices { digests[i].update(UnsafeRawBufferPointer(slice)) }
-            at += UInt64(n)
-        }
-        for (d, (algo, want)) in zip(digests, expected) {
-            if let want, d.hex() != want {
-                throw GlanceError.integrity(imageID: image.id, algorithm: algo, expected: want, actual: d.hex())
+    /// What fills a stream: a verified download from Glance, or a volume read through librbd.
+    typealias Fill = @Sendable (any DownloadSink) async throws -> Void
+
+    /// A raw image streamed into the part as it arrives (zero blocks skipped, hashes checked by `fill`), then
+    /// inspected in the cluster before it may be published.
+    func streamRaw(_ image: GlanceImage, size: UInt64, part: String, io: IOContext, fill: Fill,
+                   stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
+        let sink = RBDSink(io: io, name: part, order: settings.order)
+        do {
+            try await offload { try sink.begin(virtualSize: size) }
+            try await fill(RBDStreamSink(sink, stop: stop))
+            try await offload(.jobs) {
+                try sink.finish()
+                let (verdict, _) = ImageInspector.inspect(storage: try RBDStorage(io.openImage(part, readOnly: true)), declared: .raw)
+                guard verdict.safe else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }
             }
+        } catch {
+            await cleanup { sink.abort() }
+            throw error
         }
+        return sink.bytesWritten
     }
 
     /// Converts `opened` into the part (only data is written). The converter stops when the job is cancelled
@@ -299,9 +297,9 @@ final class BaseBuilder: Sendable {
     /// writes), and the part is published only if it is clean. Nothing raw is ever stored locally. Cancelling the
     /// calling task cancels the download and stops the converter.
     func streamConvert(_ image: GlanceImage, format: ImageFormat, size: UInt64, part: String, io: IOContext,
-                       cache: ImageCache, source: any ImageSource, stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
+                       directory: String, fill: @escaping Fill, stop: @escaping @Sendable () -> Bool) async throws -> UInt64 {
         let started = ContinuousClock.now
-        let path = "\(cache.config.directory)/stream-\(part.suffix(8))"
+        let path = "\(directory)/stream-\(part.suffix(8))"
         let file = try await offload { try GrowingFile(path: path, size: size) }
         logger.info("building base while downloading", metadata: ["base": "\(io.pool)/\(part)", "format": "\(format.rawValue)"])
         let order = settings.order, logger = self.logger
@@ -309,7 +307,7 @@ final class BaseBuilder: Sendable {
             defer { file.stopFollowing() }
             group.addTask {
                 do {
-                    _ = try await source.download(image, into: file, throttled: false, progress: nil)
+                    try await fill(file)
                     try await offload { try file.finish(failure: nil) }
                 } catch {
                     try? file.finish(failure: "\(error)")

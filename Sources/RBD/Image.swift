@@ -75,6 +75,15 @@ public final class RBDImage: @unchecked Sendable {
         return n
     }
 
+    /// Starts an asynchronous read into `buffer` at `offset`; the completion's `wait` gives the bytes read. The
+    /// buffer must stay valid, and untouched, until then.
+    public func aioRead(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(CephError) -> Completion {
+        let c = try Completion(operation: "rbd_aio_read(\(spec), \(offset), \(buffer.count))")
+        let r = ceph.rbd_aio_read(try h(), offset, buffer.count, buffer.baseAddress?.assumingMemoryBound(to: CChar.self), c.handle)
+        if r < 0 { c.release(); throw CephError(c.operation, errno: -r) }
+        return c
+    }
+
     /// Starts an asynchronous write of `buffer` at `offset`. The buffer must stay valid and unchanged until the
     /// returned completion has been waited for: the cluster handle lets librbd send it without a copy.
     public func aioWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(CephError) -> Completion {
@@ -220,13 +229,15 @@ public final class Completion: @unchecked Sendable {
         handle = nil
     }
 
-    /// Blocks until the operation is done; throws its error.
-    public func wait() throws(CephError) {
-        guard let handle else { return }
+    /// Blocks until the operation is done; throws its error, or returns its result (the bytes read by a read).
+    @discardableResult
+    public func wait() throws(CephError) -> Int {
+        guard let handle else { return 0 }
         _ = ceph.rbd_aio_wait_for_complete(handle)
         let r = ceph.rbd_aio_get_return_value(handle)
         release()
         if r < 0 { throw CephError(operation, errno: Int32(-r)) }
+        return Int(r)
     }
 
     deinit {

@@ -43,6 +43,7 @@
     X(rbd_aio_create_completion) \
     X(rbd_aio_discard) \
     X(rbd_aio_get_return_value) \
+    X(rbd_aio_read) \
     X(rbd_aio_release) \
     X(rbd_aio_wait_for_complete) \
     X(rbd_aio_write) \
