@@ -179,6 +179,28 @@ struct CinderStoreTests {
         #expect(left.isEmpty, "\(left)")
     }
 
+    /// A Glance that hides locations (most clouds): the agent's service user reads the `cinder://` location with
+    /// `GET /v2/images/{id}/locations`, and Cinder shows that admin user the volume's back end.
+    @Test func hiddenCinderLocationsAreReadWithTheServiceRole() async throws {
+        let glance = try #require(OpenStack.privateGlanceURL), service = try #require(OpenStack.serviceUser)
+        let bytes = OpenStack.testBytes((2 << 20) + 512, seed: 95)
+        let id = try await OpenStack.createImage(bytes, diskFormat: "raw", name: "cinder-hidden", inStore: "cinder-slow")["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let token = try await OpenStack.token(user: service.name, password: service.password, project: service.project)
+        let (_, shown) = try await OpenStack.get(glance, "/v2/images/\(id)", token: token)
+        #expect((shown as? [String: Any])?["locations"] == nil, "\(String(describing: shown))")
+        let agent = try AgentProcess.rbd(["glance": ["api_servers": glance, "username": service.name, "password": service.password,
+                                                     "project_name": service.project]])
+        defer { agent.stop() }
+        let instance = UUID().uuidString.lowercased()
+        let (status, o) = try agent.request("POST", "/v1/disks", json: diskBody(instance, id), timeout: 300)
+        let disk = o as? [String: Any] ?? [:]
+        #expect(status == 201 && disk["method"] as? String == "cinder-clone", "\(disk) \(agent.log().suffix(2000))")
+        #expect(try exported("vms/\(instance)_disk") == Data(bytes))
+        _ = try agent.request("DELETE", "/v1/disks/\(instance)_disk")
+        _ = try agent.request("POST", "/v1/bases/gc?idle=0&image=\(id)")
+    }
+
     /// With the Cinder API unreachable the agent downloads through Glance instead, and the disk says why; with the
     /// store's pool named in `[cinder_stores]` it needs no API at all.
     @Test(arguments: [false, true])
