@@ -88,36 +88,24 @@ public final class CinderClient: Sendable {
 
     func get(_ path: String) async throws -> [String: Any] {
         let url = try await baseURL() + path
-        var rejected: String?
-        for _ in 0..<2 {
-            var req = HTTPClientRequest(url: url)
-            req.headers.add(name: "User-Agent", value: "imgconv-agent")
-            req.headers.add(name: "Accept", value: "application/json")
-            var token: String?
-            if let auth {
-                token = try await auth.token(rejected: rejected).value
-                req.headers.add(name: "X-Auth-Token", value: token!)
-            }
-            let response: HTTPClientResponse
-            do {
-                response = try await http.execute(req, timeout: timeout)
-            } catch {
-                throw GlanceError.transport(url: url, attempts: 1, detail: "\(error)")
-            }
-            let body = try await response.body.collect(upTo: 16 << 20)
-            if response.status == .unauthorized, auth != nil, rejected == nil {
-                rejected = token
-                continue
-            }
-            guard response.status == .ok else {
-                throw GlanceError.http(method: "GET", url: url, status: Int(response.status.code), detail: GlanceClient.excerpt(body))
-            }
-            guard let o = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
-                throw GlanceError.malformedResponse(url: url, detail: "not a JSON object")
-            }
-            return o
+        var req = HTTPClientRequest(url: url)
+        req.headers.add(name: "Accept", value: "application/json")
+        let response: HTTPClientResponse
+        do {
+            response = try await auth.send(req, http: http, timeout: timeout, logger: logger)
+        } catch let e as GlanceError {
+            throw e
+        } catch {
+            throw GlanceError.transport(url: url, attempts: 1, detail: "\(error)")
         }
-        throw GlanceError.authentication(status: 401, detail: "Cinder refused a renewed token")
+        let body = try await response.body.collect(upTo: 16 << 20)
+        guard response.status == .ok else {
+            throw GlanceError.http(method: "GET", url: url, status: Int(response.status.code), detail: GlanceClient.excerpt(body))
+        }
+        guard let o = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
+            throw GlanceError.malformedResponse(url: url, detail: "not a JSON object")
+        }
+        return o
     }
 
     /// `GET /volumes/{id}`.

@@ -59,43 +59,26 @@ public final class GlanceClient: Sendable {
         var lastError: Error?
         for base in try await baseURLs() {
             let url = base + pathAndQuery
-            var rejected: String?
+            var req = HTTPClientRequest(url: url)
+            req.method = method
+            for (k, v) in headers { req.headers.add(name: k, value: v) }
+            if let body {
+                req.headers.add(name: "Content-Type", value: "application/json")
+                req.body = .bytes(ByteBuffer(bytes: body))
+            }
             // A GET is retried once on a transport error: a pooled keep-alive connection the server has just
             // closed fails the first use (ECONNRESET) with nothing sent.
-            var transportRetries = method == .GET ? 1 : 0
-            for _ in 0..<3 {
-                var req = HTTPClientRequest(url: url)
-                req.method = method
-                req.headers.add(name: "User-Agent", value: "imgconv-agent")
-                for (k, v) in headers { req.headers.add(name: k, value: v) }
-                if let body {
-                    req.headers.add(name: "Content-Type", value: "application/json")
-                    req.body = .bytes(ByteBuffer(bytes: body))
-                }
-                var token: String?
-                if let auth = endpoint.auth {
-                    token = try await auth.token(rejected: rejected).value
-                    req.headers.add(name: "X-Auth-Token", value: token!)
-                }
-                let response: HTTPClientResponse
+            for attempt in 0...(method == .GET ? 1 : 0) {
                 do {
-                    response = try await http.execute(req, timeout: timeout)
+                    return (try await endpoint.auth.send(req, http: http, timeout: timeout, logger: logger), url)
+                } catch let e as GlanceError {
+                    throw e
                 } catch {
                     lastError = GlanceError.transport(url: url, attempts: 1, detail: "\(error)")
-                    if transportRetries > 0 {
-                        transportRetries -= 1
+                    if attempt == 0 && method == .GET {
                         logger.info("glance request failed; retrying once", metadata: ["url": "\(url)", "error": "\(error)"])
-                        continue
                     }
-                    break
                 }
-                if response.status == .unauthorized, endpoint.auth != nil, rejected == nil {
-                    _ = try? await response.body.collect(upTo: 1 << 20)
-                    logger.info("glance answered 401; renewing the token", metadata: ["url": "\(url)"])
-                    rejected = token
-                    continue
-                }
-                return (response, url)
             }
         }
         throw lastError ?? GlanceError.transport(url: pathAndQuery, attempts: 1, detail: "no API server answered")

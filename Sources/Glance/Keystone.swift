@@ -147,3 +147,23 @@ public actor KeystoneAuth {
         return nil
     }
 }
+
+extension Optional where Wrapped == KeystoneAuth {
+    /// Sends `request` with a token from this auth (as is without one), renewing the token and sending again once
+    /// when the service answers 401 (a token revoked or expired early). Transport errors are thrown as they come;
+    /// a failed token request throws its `GlanceError`.
+    func send(_ request: HTTPClientRequest, http: HTTPClient, timeout: TimeAmount, logger: Logger) async throws -> HTTPClientResponse {
+        var req = request
+        req.headers.replaceOrAdd(name: "User-Agent", value: "imgconv-agent")
+        guard let auth = self else { return try await http.execute(req, timeout: timeout) }
+        var token = try await auth.token().value
+        req.headers.replaceOrAdd(name: "X-Auth-Token", value: token)
+        let response = try await http.execute(req, timeout: timeout)
+        guard response.status == .unauthorized else { return response }
+        _ = try? await response.body.collect(upTo: 1 << 20)
+        logger.info("401 from the service; renewing the Keystone token", metadata: ["url": "\(request.url)"])
+        token = try await auth.token(rejected: token).value
+        req.headers.replaceOrAdd(name: "X-Auth-Token", value: token)
+        return try await http.execute(req, timeout: timeout)
+    }
+}

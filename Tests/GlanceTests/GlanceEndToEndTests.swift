@@ -87,6 +87,25 @@ struct GlanceEndToEndTests {
         }
     }
 
+    /// A token Keystone revoked before its expiry: Glance answers 401, the client renews the token once and the
+    /// request goes through (the same code sends Cinder's requests).
+    @Test func aRevokedTokenIsRenewedOnTheServices401() async throws {
+        let id = try await OpenStack.createImage(OpenStack.testBytes(4096, seed: 5))["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let (glance, auth) = client()
+        let first = try await auth.token().value
+        var revoke = HTTPClientRequest(url: OpenStack.keystoneURL + "/auth/tokens")
+        revoke.method = .DELETE
+        revoke.headers.add(name: "X-Auth-Token", value: try await OpenStack.token())
+        revoke.headers.add(name: "X-Subject-Token", value: first)
+        let revoked = try await HTTPClient.shared.execute(revoke, timeout: .seconds(30))
+        #expect(revoked.status == .noContent)
+        let image = try await glance.show(id)
+        #expect(image.id == id)
+        #expect(await auth.issued == 2)
+        #expect(try await auth.token().value != first)
+    }
+
     @Test func applicationCredentials() async throws {
         // Create one for the demo user through Keystone, then authenticate with it.
         let token = try await OpenStack.token(user: "demo", password: "demopw", project: "demo")
