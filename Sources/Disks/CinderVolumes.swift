@@ -58,18 +58,18 @@ struct CinderLocator: Sendable {
         case unusable(String)
     }
 
-    /// The image's cinder locations: shown, or read with the service role when the image shows none.
-    static func locations(_ image: GlanceImage, glance: GlanceClient?) async -> [GlanceCinderLocation] {
-        var found = image.locations.compactMap(GlanceCinderLocation.init)
-        if found.isEmpty, image.locations.isEmpty || image.locations.count < image.stores.count,
-           let glance, let listed = try? await glance.locations(image.id) {
-            found = listed.compactMap { GlanceCinderLocation($0.url) }
+    /// The image's cinder locations: shown, or read with the service role when the image shows fewer locations
+    /// than stores (`listed`: what the Glance-clone planner already read that way; nil if it did not ask).
+    static func locations(_ image: GlanceImage, listed: [String]?, glance: GlanceClient?) async -> [GlanceCinderLocation] {
+        var found = (image.locations + (listed ?? [])).compactMap(GlanceCinderLocation.init)
+        if found.isEmpty, listed == nil, image.locations.isEmpty || image.locations.count < image.stores.count,
+           let glance, let more = try? await glance.locations(image.id) {
+            found = more.compactMap { GlanceCinderLocation($0.url) }
         }
         return found
     }
 
-    func locate(_ image: GlanceImage, glance: GlanceClient?) async -> Outcome {
-        let candidates = await Self.locations(image, glance: glance)
+    func locate(_ image: GlanceImage, candidates: [GlanceCinderLocation]) async -> Outcome {
         guard !candidates.isEmpty else { return .none }
         var reasons: [String] = []
         for loc in candidates {

@@ -20,13 +20,17 @@ struct GlanceClonePlanner: Sendable {
     /// Glance has `show_image_direct_url` or `show_multiple_locations`; otherwise a user with the service role
     /// reads them with `GET /v2/images/{id}/locations` (Glance 29+), asked only when the image shows fewer
     /// locations than it has stores (or none). `hidden` says why no location could be read, for the disk's
-    /// `fallback` when the base path is taken instead.
-    func location(_ image: GlanceImage, glance: GlanceClient?) async throws -> (location: GlanceRBDLocation?, hidden: String?) {
-        guard image.diskFormat == "raw" else { return (nil, nil) }
+    /// `fallback` when the base path is taken instead; `listed` is what that call returned (the cinder path reads
+    /// it instead of asking again).
+    func location(_ image: GlanceImage, glance: GlanceClient?) async throws
+        -> (location: GlanceRBDLocation?, hidden: String?, listed: [String]?) {
+        guard image.diskFormat == "raw" else { return (nil, nil, nil) }
         var candidates = image.locations.compactMap(GlanceRBDLocation.init)
         var hidden: String?
+        var urls: [String]?
         if candidates.isEmpty, image.locations.isEmpty || image.locations.count < image.stores.count, let glance {
             if let listed = try? await glance.locations(image.id) {
+                urls = listed.map(\.url)
                 candidates = listed.compactMap { GlanceRBDLocation($0.url) }
             } else {
                 hidden = "Glance shows no locations for the image and GET /v2/images/{id}/locations is refused to this "
@@ -34,9 +38,9 @@ struct GlanceClonePlanner: Sendable {
                     + "cloned: give the user the service role or set Glance's show_image_direct_url"
             }
         }
-        guard !candidates.isEmpty else { return (nil, hidden) }
+        guard !candidates.isEmpty else { return (nil, hidden, urls) }
         let fsid = try await pool.run { try $0.cluster.fsid() }
-        return (candidates.first { $0.fsid.lowercased() == fsid.lowercased() }, nil)
+        return (candidates.first { $0.fsid.lowercased() == fsid.lowercased() }, nil, urls)
     }
 
     /// Inspects the snapshot, then clones it into `<pool>/<instance>_disk` grown to the requested size.

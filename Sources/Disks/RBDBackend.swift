@@ -88,10 +88,12 @@ public final class RBDBackend: DiskBackend, Sendable {
 
         var fallback = planned.hidden
         var volume: CinderVolumeImage?
-        // Only for a base still to build: once it exists, every disk is a clone of it whatever its source was.
+        // Only for an image in a cinder store whose base is still to build: once the base exists, every disk is a
+        // clone of it whatever its source was (and a fleet of clones pays no extra open of it).
         let baseName = settings.baseName(image.id), snapshot = settings.snapshot
-        if settings.cinder, try await pool.run(.calls, { try BaseBuilder.readyBase($0, baseName, snapshot: snapshot) }) == nil {
-            switch await cinderLocator(source.glance).locate(image, glance: source.glance) {
+        let inCinder = settings.cinder ? await CinderLocator.locations(image, listed: planned.listed, glance: source.glance) : []
+        if !inCinder.isEmpty, try await pool.run(.calls, { try BaseBuilder.readyBase($0, baseName, snapshot: snapshot) }) == nil {
+            switch await cinderLocator(source.glance).locate(image, candidates: inCinder) {
             case .none: break
             case let .found(v): volume = v
             case let .unusable(why):
