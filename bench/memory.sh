@@ -3,7 +3,8 @@
 # disk of the 1 GiB zlib qcow2 of make-corpus: download, verify, convert into a new base, clone), and idle again
 # after the memory trim ([agent] memory_trim_idle = 5s here). Needs the Ceph and Glance fixtures (started here if
 # not running).
-# Usage: bench/memory.sh [qcow2 image]
+# Usage: bench/memory.sh [qcow2 image]   env: AGENT_BIN=another imgconv-agent binary (e.g. one linked with
+# --static-swift-stdlib) to measure instead of the release build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=/tmp/imgconv-bench
@@ -15,7 +16,7 @@ work=$dir/memory
 rm -rf "$work"; mkdir -p "$work"
 id=$(bench_upload "$src" qcow2 "" bench-memory)
 bench_agent_conf "$work" 8G "memory_trim_idle = 5s"
-"$IMGCONV" agent --config "$work/agent.conf" --log-level warning 2>"$work/agent.log" &
+"${AGENT_BIN:-$IMGCONV}" agent --config "$work/agent.conf" --log-level warning 2>"$work/agent.log" &
 agent=$!
 cleanup() {
     kill $agent 2>/dev/null; wait $agent 2>/dev/null
