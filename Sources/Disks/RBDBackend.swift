@@ -35,9 +35,12 @@ public final class RBDBackend: DiskBackend, Sendable {
         public var baseClones = 0
         public var takeovers = 0
         public var storeCopies = 0
-        public init(glanceClones: Int = 0, basesBuilt: Int = 0, baseClones: Int = 0, takeovers: Int = 0, storeCopies: Int = 0) {
+        /// Bases made from the image's Cinder volume (`cinder-clone`, `cinder-convert`).
+        public var cinderBases = 0
+        public init(glanceClones: Int = 0, basesBuilt: Int = 0, baseClones: Int = 0, takeovers: Int = 0, storeCopies: Int = 0,
+                    cinderBases: Int = 0) {
             (self.glanceClones, self.basesBuilt, self.baseClones, self.takeovers) = (glanceClones, basesBuilt, baseClones, takeovers)
-            self.storeCopies = storeCopies
+            (self.storeCopies, self.cinderBases) = (storeCopies, cinderBases)
         }
     }
 
@@ -51,7 +54,7 @@ public final class RBDBackend: DiskBackend, Sendable {
     public var counters: [(name: String, value: Int)] {
         let s = stats.snapshot
         return [("glance_clones", s.glanceClones), ("base_clones", s.baseClones), ("bases_built", s.basesBuilt),
-                ("takeovers", s.takeovers), ("store_copies", s.storeCopies)]
+                ("takeovers", s.takeovers), ("store_copies", s.storeCopies), ("cinder_bases", s.cinderBases)]
     }
 
     public init(settings: RBDSettings, logger: Logger = Logger(label: "imgconv.disks.rbd")) {
@@ -129,6 +132,7 @@ public final class RBDBackend: DiskBackend, Sendable {
         info.fallback = fallback
         info.seconds = started.duration(to: .now).seconds
         stats.add(\.baseClones)
+        if volume != nil && base.built { stats.add(\.cinderBases) }
         logger.info("disk ready", metadata: ["disk": "\(info.location)", "method": "\(info.method!.rawValue)",
                                              "seconds": "\(info.seconds!)"])
         return info

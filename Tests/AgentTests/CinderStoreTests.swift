@@ -88,6 +88,8 @@ struct CinderStoreTests {
         #expect(d2["method"] as? String == "base-reused", "\(d2)")
         #expect(d2["parent"] as? String == d1["parent"] as? String, "\(d2)")
         #expect(d2["bytes_written"] as? Int == 0, "\(d2)")
+        let metrics = try shell(["curl", "-s", "--unix-socket", agent.socket, "http://agent/metrics"]).out
+        #expect(metrics.contains("imgconv_disks_total{kind=\"cinder_bases\"} 1"), "\(metrics)")
 
         // The Glance image and its volume go while both disks exist.
         #expect(try await OpenStack.glance("DELETE", "/v2/images/\(id)").0 == 204)
