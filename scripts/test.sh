@@ -13,13 +13,14 @@ export IMGCONV_REQUIRE_QEMU=1 IMGCONV_REQUIRE_OPENSTACK=1 IMGCONV_REQUIRE_CEPH=1
 services_start
 swift build --build-tests
 services_wait
-# Tests that time the agent (health under load, a connection flood, SIGTERM) and tests that load the machine
+# Tests that time the agent (health under load, a connection flood, SIGTERM, the shared bandwidth limit, whose
+# sleeps woke a minute late while other suites held the test process's cooperative threads) and tests that load the machine
 # (forged 4 GiB images, a 2 GiB conversion) run one at a time after the rest: Swift Testing runs suites in
 # parallel, and on two cores the heavy ones would be in what the timed ones (and the Ceph tests' own time
 # limits) measure. The multi-store tests run there too: Glance's import tasks (copy-image, location import)
 # write to its sqlite in the background and fail with "database is locked" when other suites write at the same
 # time.
-serial='CinderStoreTests|AgentLoadTests|aFleetOfAgentsMakesOneBaseFromOneGlanceRead|twoThousandConnectionsFromARefusedUIDDoNotDelayOthers|HostileImageTests|shutdownStopsAForceRawConversion|GlanceStoreTests|StoreCopyTests'
+serial='BandwidthLimitTests|prefetchesShareOneBandwidthLimit|CinderStoreTests|AgentLoadTests|aFleetOfAgentsMakesOneBaseFromOneGlanceRead|twoThousandConnectionsFromARefusedUIDDoNotDelayOthers|HostileImageTests|shutdownStopsAForceRawConversion|GlanceStoreTests|StoreCopyTests'
 swift test --skip-build --skip "$serial"
 swift test --skip-build --no-parallel --filter "$serial"
 # The Python client (clients/python) against a real agent, and the agent's answers against api/openapi.yaml.
