@@ -42,7 +42,7 @@ final class BaseBuilder: Sendable {
             let img = try io.openImage(base, snapshot: snapshot)
             defer { img.close() }
             return try img.stat().size
-        } catch let e as CephError where e.errno == ENOENT {
+        } catch where error.errno == ENOENT {
             return nil
         }
     }

@@ -98,7 +98,7 @@ public final class LocalBackend: DiskBackend, @unchecked Sendable {
         defer { Task { await cache.release(image.id) } }
         guard let source = cached.path else { throw DiskError.io("image \(image.id) is cached without a file") }
         let format = ImageFormat(rawValue: cached.storedFormat ?? cached.diskFormat) ?? .raw
-        if format == .raw, try await offload(.calls) { link(source, base) == 0 } { return (base, true, 0) }
+        if format == .raw, try await offload(.calls, { link(source, base) == 0 }) { return (base, true, 0) }
         let written = try await offload(.jobs) { token throws -> UInt64 in
             let (verdict, opened) = ImageInspector.inspect(path: source, declared: format)
             guard verdict.safe, let opened else { throw DiskError.unsafe(id: image.id, reasons: verdict.reasons.map(\.description)) }

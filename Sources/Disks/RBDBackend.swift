@@ -79,7 +79,7 @@ public final class RBDBackend: DiskBackend, Sendable {
     public func create(_ request: DiskRequest, image: GlanceImage, cache: ImageCache, source: any ImageSource) async throws -> DiskInfo {
         let started = ContinuousClock.now
         let name = request.diskName
-        if try await pool.run(.calls) { try $0.imageExists(name) } { throw DiskError.exists(name) }
+        if try await pool.run(.calls, { try $0.imageExists(name) }) { throw DiskError.exists(name) }
 
         let planned = try await planner.location(image, glance: source.glance)
         if let location = planned.location {

@@ -41,7 +41,7 @@ public final class RBDSink: ImageSink, @unchecked Sendable {
     }
 
     deinit {
-        for (c, b) in inFlight { try? c.wait(); b.deallocate() }
+        for (c, b) in inFlight { _ = try? c.wait(); b.deallocate() }
         for b in spare { b.deallocate() }
         pending.deallocate()
     }
