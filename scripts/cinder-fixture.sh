@@ -5,7 +5,7 @@
 # (Glance's cinder stores check the volume types at start-up) and stops it after Glance; it is not meant to be
 # run alone.
 #
-#   cinder-fixture.sh start   (env: CINDER_BASE, VENV, KS_PORT, CEPH_ENV, GLANCE_PORT, PINS: the venv's
+#   cinder-fixture.sh start   (env: CINDER_BASE, VENV, KS_PORT, ADMIN_TOKEN (Keystone's admin), CEPH_ENV, GLANCE_PORT, PINS: the venv's
 #                              constraints file, to which scripts/cinder-constraints.txt is added)  writes $CINDER_BASE/env
 #   cinder-fixture.sh stop    (env: CINDER_BASE)
 #
@@ -72,7 +72,7 @@ stop() {
 }
 
 start() {
-    : "${VENV:?VENV}" "${KS_PORT:?KS_PORT}" "${CEPH_ENV:?CEPH_ENV}" "${GLANCE_PORT:?GLANCE_PORT}" "${PINS:?PINS}"
+    : "${VENV:?VENV}" "${KS_PORT:?KS_PORT}" "${ADMIN_TOKEN:?ADMIN_TOKEN}" "${CEPH_ENV:?CEPH_ENV}" "${GLANCE_PORT:?GLANCE_PORT}" "${PINS:?PINS}"
     local n p
     for n in rabbitmq epmd cinder-api cinder-scheduler cinder-volume; do
         [ -f "$RUN/$n.pid" ] && alive "$(cat "$RUN/$n.pid")" && die "$n already runs; stop first"
@@ -145,10 +145,7 @@ c.connect(); c.release()" >"$LOG/rabbit-check.log" 2>&1 || die "AMQP login to 12
     log "rabbitmq on 127.0.0.1:$RABBIT_PORT"
 
     # ---- Keystone: the cinder user, and volumev3 + block-storage endpoints.
-    local K=http://127.0.0.1:$KS_PORT/v3 adm
-    adm=$(curl -m 30 -sf -D - -o /dev/null -X POST "$K/auth/tokens" -H 'Content-Type: application/json' \
-        -d '{"auth":{"identity":{"methods":["password"],"password":{"user":{"name":"admin","domain":{"id":"default"},"password":"secret"}}},"scope":{"project":{"name":"admin","domain":{"id":"default"}}}}}' \
-        | awk 'tolower($1)=="x-subject-token:"{print $2}' | tr -d '\r')
+    local K=http://127.0.0.1:$KS_PORT/v3 adm=$ADMIN_TOKEN
     local H=(-H "X-Auth-Token: $adm" -H 'Content-Type: application/json')
     kget() { curl -m 30 -sf "$K/$1" "${H[@]}" | "$VENV/bin/python" -c "import json,sys;print(json.load(sys.stdin)['$2'][0]['id'])"; }
     kpost() { curl -m 30 -sf -X POST "$K/$1" "${H[@]}" -d "$2" | "$VENV/bin/python" -c "import json,sys;print(json.load(sys.stdin)['$3']['id'])"; }

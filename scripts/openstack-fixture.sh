@@ -256,7 +256,7 @@ GLANCE_WEB_URL=http://127.0.0.1:$WEB_PORT"
     # ---- Cinder (with Ceph): before Glance, whose cinder stores check their volume types at start-up.
     local cinder_env=""
     if [ -n "$CINDER" ]; then
-        CINDER_BASE=$CINDER_BASE VENV=$VENV KS_PORT=$KS_PORT CEPH_ENV=$CEPH_ENV GLANCE_PORT=$G_PORT PINS=$pins \
+        CINDER_BASE=$CINDER_BASE VENV=$VENV KS_PORT=$KS_PORT ADMIN_TOKEN=$ADM CEPH_ENV=$CEPH_ENV GLANCE_PORT=$G_PORT PINS=$pins \
             bash "$HERE/cinder-fixture.sh" start
         backends="$backends, cinder-fast:cinder, cinder-slow:cinder"
         local t

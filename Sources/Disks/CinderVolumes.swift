@@ -1,6 +1,5 @@
 import Foundation
 import Glance
-import Logging
 import RBD
 
 /// `cinder://<store>/<volume_id>` (a multi-store Glance's cinder stores) or `cinder://<volume_id>` (a single one),
@@ -50,7 +49,6 @@ struct CinderLocator: Sendable {
     /// `[cinder_stores]`: Glance cinder store → RBD pool of its volume type's back end.
     let stores: [String: String]
     let pool: RBDPool
-    let logger: Logger
 
     enum Outcome: Sendable {
         case none
@@ -89,7 +87,6 @@ struct CinderLocator: Sendable {
 
     /// The volume's RBD image, checked to exist in this cluster and to be at least the image's size.
     func resolve(_ loc: GlanceCinderLocation, image: GlanceImage) async throws -> CinderVolumeImage {
-        let fsid = try await pool.run(.calls) { try $0.cluster.fsid() }
         var target: CinderVolumeImage
         if let store = loc.store, let p = stores[store] {
             target = CinderVolumeImage(pool: p, volumeID: loc.volumeID, via: "[cinder_stores] \(store) = \(p)")
@@ -122,6 +119,7 @@ struct CinderLocator: Sendable {
             guard let backend = pools.first(where: { $0.name == host }), let rbd = backend.rbd else {
                 throw Refused("Cinder's back end \(host) is not an RBD pool")
             }
+            let fsid = try await pool.run(.calls) { try $0.cluster.fsid() }
             guard rbd.fsid.lowercased() == fsid.lowercased() else {
                 throw Refused("Cinder's back end \(host) is another Ceph cluster (fsid \(rbd.fsid))")
             }

@@ -144,7 +144,7 @@ public final class RBDBackend: DiskBackend, Sendable {
             CinderClient(http: $0.http, auth: $0.endpoint.auth, interface: $0.endpoint.interface, region: $0.endpoint.region,
                          endpointOverride: s.cinderEndpoint, timeout: .seconds(s.cinderTimeout), logger: logger)
         }
-        return CinderLocator(cinder: client, stores: s.cinderStores, pool: pool, logger: logger)
+        return CinderLocator(cinder: client, stores: s.cinderStores, pool: pool)
     }
 
     /// Clones `source/parent@snapshot` into `<pool>/<instance>_disk` and grows it to the requested size: one

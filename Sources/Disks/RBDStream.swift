@@ -33,10 +33,8 @@ final class RBDStorage: ImageStorage, @unchecked Sendable {
     let name: String
     let size: UInt64
 
-    init(_ image: RBDImage) throws {
-        self.image = image
-        name = "rbd:\(image.io.pool)/\(image.name)"
-        size = try image.stat().size
+    convenience init(_ image: RBDImage) throws {
+        try self.init(image, size: try image.stat().size)
     }
 
     /// The first `size` bytes of the image (a Cinder volume holds the image file at its start).

@@ -88,10 +88,6 @@ struct VolumeStream: Sendable {
             try issue(slot)
             slot = (slot + 1) % depth
         }
-        for (d, (algo, want)) in zip(digests, expected) {
-            if let want, d.hex() != want {
-                throw GlanceError.integrity(imageID: imageID, algorithm: algo, expected: want, actual: d.hex())
-            }
-        }
+        _ = try VerifiedDownload.check(digests, against: expected, imageID: imageID)
     }
 }

@@ -93,6 +93,21 @@ public final class VerifiedDownload: @unchecked Sendable {
     /// The hashes to compute over an image's bytes, each with the value Glance recorded (nil: computed for the
     /// record only): `os_hash_algo`/`os_hash_value`, else the md5 `checksum`. With `verify`, an image with neither
     /// is refused.
+    /// Compares finished digests (one per `expectations` entry, in order) with Glance's values: the hashes by
+    /// algorithm, or `GlanceError.integrity` for the first that differs.
+    public static func check(_ digests: [ImageDigest], against expected: [(String, String?)],
+                             imageID: String) throws -> [String: String] {
+        var hashes: [String: String] = [:]
+        for (d, (algo, want)) in zip(digests, expected) {
+            let got = d.hex()
+            hashes[algo] = got
+            if let want, want != got {
+                throw GlanceError.integrity(imageID: imageID, algorithm: algo, expected: want, actual: got)
+            }
+        }
+        return hashes
+    }
+
     public static func expectations(_ image: GlanceImage, verify: Bool) throws -> [(String, String?)] {
         var out: [(String, String?)] = []
         if let algo = image.osHashAlgo, let value = image.osHashValue, !algo.isEmpty, !value.isEmpty {
@@ -232,14 +247,7 @@ public final class VerifiedDownload: @unchecked Sendable {
         progress?(received)
         try await limit?.take(last)
 
-        var hashes: [String: String] = [:]
-        for (d, (algo, want)) in zip(digests, expected) {
-            let got = d.hex()
-            hashes[algo] = got
-            if let want, want != got {
-                throw GlanceError.integrity(imageID: image.id, algorithm: algo, expected: want, actual: got)
-            }
-        }
+        let hashes = try Self.check(digests, against: expected, imageID: image.id)
         return DownloadResult(bytes: received, hashes: hashes, resumes: resumes, rangeIgnored: rangeIgnored)
     }
 
