@@ -122,7 +122,7 @@ public enum AgentRunner {
             await withTaskGroup(of: Void.self) { g in
                 g.addTask { await prefetcher.run() }
                 if config.agent.memoryTrimIdle > 0 {
-                    g.addTask { await IdleTrim.run(idleSeconds: config.agent.memoryTrimIdle, logger: logger) }
+                    g.addTask { await IdleTrim.run(idleSeconds: config.agent.memoryTrimIdle, pageOutCode: config.agent.memoryTrimCode, logger: logger) }
                 }
                 if config.disks.gcInterval > 0 && config.disks.gcIdle > 0 {
                     g.addTask {

@@ -21,6 +21,9 @@ public struct AgentConfig: Sendable {
         public var stateDir = "/var/lib/imgconv"
         /// Seconds of (almost) no CPU after which freed memory goes back to the system; 0: never.
         public var memoryTrimIdle: Double = 10
+        /// With the idle trim, also hand back the resident pages of the executable's and libraries' code
+        /// (`Residency.pageOut`).
+        public var memoryTrimCode = true
         /// A connection that sends nothing (and is not being answered: event streams are exempt) this long is
         /// closed.
         public var idleTimeout: Double = 60
@@ -212,6 +215,7 @@ public struct AgentConfig: Sendable {
         case ("agent", "allowed_gids"): agent.allowedGIDs = try Self.list(v).map(Self.id)
         case ("agent", "state_dir"): agent.stateDir = try Self.path(v)
         case ("agent", "memory_trim_idle"): agent.memoryTrimIdle = try Self.duration(v, zeroOr: 1...86400)
+        case ("agent", "memory_trim_code"): agent.memoryTrimCode = try Self.bool(v)
         case ("agent", "idle_timeout"): agent.idleTimeout = try Self.duration(v, in: 1...86400)
         case ("agent", "max_connections_per_uid"): agent.maxConnectionsPerUID = try Self.int(v, 1...10_000)
         case ("glance", "api_servers"): glance.apiServers = try Self.list(v).map(Self.url)

@@ -35,6 +35,12 @@ enum Metrics {
         metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [("", "\(IdleTrim.residentBytes() ?? 0)")])
         metric("imgconv_memory_trims_total", "counter", "Times freed memory went back to the system after an idle interval.",
                [("", "\(IdleTrim.count.load(ordering: .relaxed))")])
+        if let r = Residency.resident() {
+            metric("imgconv_resident_memory_bytes", "gauge", "Resident memory by kind: anonymous (heap, buffers, stacks) or file (code of the executable and libraries).",
+                   [("{kind=\"anonymous\"}", "\(r.anonymous)"), ("{kind=\"file\"}", "\(r.file)")])
+        }
+        metric("imgconv_memory_trim_paged_out_bytes", "gauge", "Bytes of read-only file mappings the last idle trim handed back (memory_trim_code).",
+               [("", "\(IdleTrim.pagedOutBytes.load(ordering: .relaxed))")])
         let load = BlockingExecutor.shared.load
         metric("imgconv_executor_queued", "gauge", "Blocking work waiting for a thread, by lane.",
                [("{lane=\"calls\"}", "\(load.calls.queued)"), ("{lane=\"jobs\"}", "\(load.jobs.queued)")])

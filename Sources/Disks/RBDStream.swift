@@ -74,7 +74,7 @@ final class RBDStorage: ImageStorage, @unchecked Sendable {
 /// On a file system without O_DIRECT (tmpfs) the chunks go through the page cache as before.
 final class GrowingFile: DownloadSink, @unchecked Sendable {
     let size: UInt64
-    static let windowSize = 16 << 20
+    static let windowSize = 12 << 20
     static let chunk = 4 << 20
     static let alignment = 4096
     let lead: UInt64 = UInt64(GrowingFile.windowSize / 2)

@@ -217,6 +217,9 @@ struct ConfigTests {
         #expect(try AgentConfig.parse(minimal).agent.memoryTrimIdle == 10)
         #expect(try AgentConfig.parse("[agent]\nmemory_trim_idle = 1m\n" + minimal).agent.memoryTrimIdle == 60)
         #expect(try AgentConfig.parse("[agent]\nmemory_trim_idle = 0\n" + minimal).agent.memoryTrimIdle == 0)
+        #expect(try AgentConfig.parse(minimal).agent.memoryTrimCode)
+        #expect(try !AgentConfig.parse("[agent]\nmemory_trim_code = false\n" + minimal).agent.memoryTrimCode)
+        #expect(throws: ConfigError.self) { try AgentConfig.parse("[agent]\nmemory_trim_code = sometimes\n" + minimal) }
         #expect(throws: ConfigError.self) { try AgentConfig.parse("[agent]\nmemory_trim_idle = soon\n" + minimal) }
     }
 }
