@@ -25,7 +25,7 @@ start_agent() {  # index
     local d=$work/node-$1
     mkdir -p "$d"
     bench_agent_conf "$d" 4G
-    "$IMGCONV" agent --config "$d/agent.conf" --log-level info 2>"$d/agent.log" &
+    "$IMGCONV" agent --config "$d/agent.conf" --log-level "${LOG_LEVEL:-info}" 2>"$d/agent.log" &
     pids[$1]=$!
 }
 cleanup() {

@@ -14,9 +14,15 @@ import SystemIO
 /// (verified against Glance's hashes, inspected), or straight from Glance while it downloads, is converted and
 /// streamed into `<base>.part-<cookie>` (data only), then snapshotted, protected and only then renamed to its
 /// final name. A half-written base only ever exists under a `.part-` name, which is never cloned and is removed
-/// by the next builder or by GC. Other agents poll for the final name; when a builder dies or stalls its lease
-/// expires in `leaseSeconds`, the next one fences it (`BuildLease`) and takes over. A builder that finds itself
-/// fenced (ESHUTDOWN) drops its client and goes back to waiting: it clones what the other published.
+/// by the next builder or by GC. When a builder dies or stalls its lease expires in `leaseSeconds`, the next one
+/// fences it (`BuildLease`) and takes over. A builder that finds itself fenced (ESHUTDOWN) drops its client and
+/// goes back to waiting: it clones what the other published.
+///
+/// Waiting is cheap for the cluster, because a fleet of nodes asks for a new image at once: the builder records
+/// the published base's size on the lease object (`readyKey`), and a waiter polls that attribute and the lease
+/// itself with the agent's shared client (one operation each, nothing recorded, so that client is never
+/// fenced). Only an agent that finds the lease free opens a client of its own to build with, and a waiter that
+/// sees the attribute clones at once, without opening the base (13 reads of its header less per clone).
 final class BaseBuilder: Sendable {
     let pool: RBDPool
     let logger: Logger
@@ -34,6 +40,20 @@ final class BaseBuilder: Sendable {
         var built: Bool
         var written: UInt64
         var size: UInt64
+        /// Known from the lease object's `readyKey` only (the base was not opened): a clone that finds no base
+        /// means the attribute outlived it (removed by hand), and `ensure` runs again with `trustHint: false`.
+        var hinted = false
+    }
+
+    /// The lease object's extended attribute holding the published base's virtual size (decimal). Written by the
+    /// builder under its lease right after the rename; removed by GC under the lease before the base.
+    static let readyKey = "imgconv.ready"
+
+    /// The size the lease object records for a published base; nil when none is recorded (or it does not parse).
+    /// One read. Blocking.
+    static func readyHint(_ io: IOContext, leaseObject: String) throws -> UInt64? {
+        guard let raw = try io.xattr(object: leaseObject, name: readyKey) else { return nil }
+        return UInt64(String(decoding: raw, as: UTF8.self))
     }
 
     /// The base's virtual size if it is complete (it has its protected snapshot); nil if it does not exist.
@@ -49,22 +69,54 @@ final class BaseBuilder: Sendable {
 
     /// Returns the base once it is complete, building it if no other agent is: from `volume` (the image's Cinder
     /// volume in this cluster) when given, otherwise from the cache or Glance.
-    func ensure(_ image: GlanceImage, cache: ImageCache, source: any ImageSource, volume: CinderVolumeImage? = nil) async throws -> Base {
-        let base = settings.baseName(image.id), snapshot = settings.snapshot
+    func ensure(_ image: GlanceImage, cache: ImageCache, source: any ImageSource, volume: CinderVolumeImage? = nil,
+                trustHint: Bool = true) async throws -> Base {
+        let waiter = BaseWaiter(pool: pool, object: settings.leaseObject(image.id), logger: logger)
+        do {
+            let base = try await ensure(image, cache: cache, source: source, volume: volume, trustHint: trustHint, waiter: waiter)
+            await waiter.close()
+            return base
+        } catch {
+            await waiter.close()
+            throw error
+        }
+    }
+
+    private func ensure(_ image: GlanceImage, cache: ImageCache, source: any ImageSource, volume: CinderVolumeImage?,
+                        trustHint: Bool, waiter: BaseWaiter) async throws -> Base {
+        let base = settings.baseName(image.id), snapshot = settings.snapshot, leaseObject = settings.leaseObject(image.id)
         let deadline = ContinuousClock.now + .seconds(settings.baseWait)
         var delay = 0.05
         var waited = false
         var client: IOContext?
         while true {
             try Task.checkCancellation()
-            if let size = try await pool.run(.calls, { try Self.readyBase($0, base, snapshot: snapshot) }) {
-                return Base(name: base, built: false, written: 0, size: size)
+            let seen = waiter.generation
+            if trustHint, let size = try await pool.run(.calls, { try Self.readyHint($0, leaseObject: leaseObject) }) {
+                return Base(name: base, built: false, written: 0, size: size, hinted: true)
             }
-            let io: IOContext
-            if let c = client { io = c } else {
-                io = try await pool.newClient(label: "base builder of \(image.id)", background: true)
-                client = io
+            switch try await probe(image.id, base: base, snapshot: snapshot) {
+            case let .ready(size): return Base(name: base, built: false, written: 0, size: size)
+            case .held:
+                waited = true
+                guard ContinuousClock.now < deadline else { throw DiskError.baseTimeout(id: image.id, seconds: settings.baseWait) }
+                // Woken by the builder's notify; the timeout is the fallback for a notify that was lost.
+                delay = await waiter.wait(since: seen, delay: delay)
+                continue
+            case let .free(held):
+                if held.fenced != nil { waited = true }
+                // The probe keeps the lease while this agent connects its builder's client (0.1-0.7 s with a
+                // fleet starting at once), so the others keep waiting instead of connecting clients of their own;
+                // it is handed over in the two operations between its release and the builder's acquisition.
+                do {
+                    if client == nil { client = try await pool.newClient(label: "base builder of \(image.id)", background: true) }
+                } catch {
+                    await cleanup { held.release() }
+                    throw error
+                }
+                await cleanup { held.release() }
             }
+            guard let io = client else { continue }
             let settings = self.settings, logger = self.logger
             let desc = "imgconv base build of \(image.id) on \(ProcessInfo.processInfo.hostName) pid \(getpid())"
             let lease: BuildLease?
@@ -87,12 +139,10 @@ final class BaseBuilder: Sendable {
                     }
                     // Waited for another builder and its base never appeared, or fenced a stalled one: a take-over.
                     if waited || lease.fenced != nil { stats.add(\.takeovers) }
-                    let written = try await build(image, base: base, lease: lease, cache: cache, source: source, volume: volume)
+                    let (written, size) = try await build(image, base: base, lease: lease, cache: cache, source: source, volume: volume)
                     await cleanup { lease.release() }
+                    await waiter.notifyPublished(io: io)
                     stats.add(\.basesBuilt)
-                    guard let size = try await pool.run(.calls, { try Self.readyBase($0, base, snapshot: snapshot) }) else {
-                        throw DiskError.io("base \(settings.pool)/\(base) vanished right after it was built")
-                    }
                     return Base(name: base, built: true, written: written, size: size)
                 } catch DiskError.fenced {
                     // Another agent took the lease over and fenced this builder: its part is that agent's to remove.
@@ -104,10 +154,42 @@ final class BaseBuilder: Sendable {
                     throw error
                 }
             }
+            // Another agent took the lease between the probe and this acquisition.
             waited = true
             guard ContinuousClock.now < deadline else { throw DiskError.baseTimeout(id: image.id, seconds: settings.baseWait) }
-            try await Task.sleep(for: .seconds(delay))
-            delay = min(delay * 1.5, 0.5)
+            delay = await waiter.wait(since: seen, delay: delay)
+        }
+    }
+
+    enum Probe: Sendable {
+        /// The base is published (found under the lease: one written before `readyKey` existed, or whose attribute
+        /// was lost); the attribute is now recorded.
+        case ready(UInt64)
+        /// A builder (or GC, or another agent's probe) holds the lease.
+        case held
+        /// Nobody held it: the probe's lease, still held, for the caller to release. `fenced` on it: the last
+        /// holder had stopped renewing and was fenced by this probe.
+        case free(BuildLease)
+    }
+
+    /// Takes the lease with the shared client, recording nothing (as GC does), to learn whether somebody holds it,
+    /// and while holding it whether the base is already published. Costs a waiter one operation while a builder
+    /// holds the lease.
+    func probe(_ imageID: String, base: String, snapshot: String) async throws -> Probe {
+        let settings = self.settings, logger = self.logger
+        return try await pool.run(.calls) { io -> Probe in
+            guard let lease = try BuildLease.acquire(io: io, object: settings.leaseObject(imageID), seconds: settings.leaseSeconds,
+                                                     description: "imgconv base probe", record: false,
+                                                     fenceSeconds: settings.fenceSeconds, logger: logger) else { return .held }
+            do {
+                guard let size = try Self.readyBase(io, base, snapshot: snapshot) else { return .free(lease) }
+                _ = try lease.set(Self.readyKey, Array(String(size).utf8))
+                lease.release()
+                return .ready(size)
+            } catch {
+                lease.release()
+                throw error
+            }
         }
     }
 
@@ -115,7 +197,7 @@ final class BaseBuilder: Sendable {
     /// (snapshot, protect, rename) right after a renewal. The lease is renewed every third of its duration; if a
     /// renewal fails the copy stops and the part is removed. Cancellation stops it the same way.
     func build(_ image: GlanceImage, base: String, lease: BuildLease, cache: ImageCache, source: any ImageSource,
-               volume: CinderVolumeImage?) async throws -> UInt64 {
+               volume: CinderVolumeImage?) async throws -> (written: UInt64, size: UInt64) {
         let started = ContinuousClock.now
         let io = lease.io, snapshot = settings.snapshot, logger = self.logger
         let part = "\(base).part-\(lease.cookie.prefix(8))"
@@ -152,8 +234,9 @@ final class BaseBuilder: Sendable {
             if lost.load(ordering: .relaxed) { throw DiskError.leaseLost("\(io.pool)/\(base)") }
             throw error
         }
+        let size: UInt64
         do {
-            try await fencedCall {
+            size = try await fencedCall {
                 // Publish only right after a renewal: a builder whose lease expired never publishes, and one that
                 // was taken over was fenced (its calls fail here with ESHUTDOWN).
                 guard try lease.renew() else { throw DiskError.leaseLost("\(io.pool)/\(base)") }
@@ -165,8 +248,15 @@ final class BaseBuilder: Sendable {
                 try img.setMetadata("imgconv.image_id", image.id)
                 try img.setMetadata("imgconv.builder", "\(ProcessInfo.processInfo.hostName) pid \(getpid()) lease \(lease.cookie)")
                 try img.setMetadata("imgconv.last_used", String(Int(Date().timeIntervalSince1970)))
+                let size = try img.stat().size
                 img.close()
                 try io.renameImage(part, to: base)
+                // Waiters clone as soon as they read this. Without it (the lease was lost right after the rename)
+                // they find the base under the lease instead.
+                if try !lease.set(Self.readyKey, Array(String(size).utf8)) {
+                    logger.warning("could not record the base as ready on its lease", metadata: ["base": "\(io.pool)/\(base)"])
+                }
+                return size
             }
         } catch {
             await cleanup { try? Self.removeWithSnapshots(io, part) }
@@ -174,7 +264,7 @@ final class BaseBuilder: Sendable {
         }
         logger.info("base ready", metadata: ["base": "\(io.pool)/\(base)", "bytes_written": "\(written)",
                                              "seconds": "\(started.duration(to: .now).seconds)"])
-        return written
+        return (written, size)
     }
 
     /// A blocking call with the builder's client; ESHUTDOWN (this client was blocklisted) becomes `fenced`.

@@ -34,6 +34,8 @@ struct BaseGC: Sendable {
                         let lastUsed = Double(try img.metadata("imgconv.last_used") ?? "0") ?? 0
                         img.close()
                         guard now - lastUsed >= idleSeconds else { continue }
+                        // Waiters must stop reading it as ready before it goes.
+                        guard try lease.set(BaseBuilder.readyKey, nil) else { continue }
                     }
                     try BaseBuilder.removeWithSnapshots(io, name)
                     removed.append(name)

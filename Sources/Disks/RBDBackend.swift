@@ -121,13 +121,28 @@ public final class RBDBackend: DiskBackend, Sendable {
             }
         }
 
-        let base = try await builder.ensure(image, cache: cache, source: source, volume: volume)
         let built: DiskMethod = volume == nil ? .baseBuilt : image.diskFormat == "raw" ? .cinderClone : .cinderConvert
-        var info = try await pool.run { io throws -> DiskInfo in
-            let size = try Self.clone(io, base.name, snapshot, virtualSize: base.size, request: request, into: io)
-            return DiskInfo(name: name, backend: "rbd", location: "\(io.pool)/\(name)", size: size,
-                            parent: "\(io.pool)/\(base.name)@\(snapshot)", imageID: image.id,
-                            method: base.built ? built : .baseReused, bytesWritten: base.written)
+        let cloneBase = { @Sendable (base: BaseBuilder.Base) async throws -> DiskInfo in
+            try await self.pool.run { io throws -> DiskInfo in
+                let size = try Self.clone(io, base.name, snapshot, virtualSize: base.size, request: request, into: io)
+                return DiskInfo(name: name, backend: "rbd", location: "\(io.pool)/\(name)", size: size,
+                                parent: "\(io.pool)/\(base.name)@\(snapshot)", imageID: image.id,
+                                method: base.built ? built : .baseReused, bytesWritten: base.written)
+            }
+        }
+        var base = try await builder.ensure(image, cache: cache, source: source, volume: volume)
+        var info: DiskInfo
+        do {
+            let cloning = ContinuousClock.now
+            info = try await cloneBase(base)
+            logger.debug("cloned the base", metadata: ["disk": "\(info.location)", "seconds": "\(cloning.duration(to: .now).seconds)",
+                                                       "since_request": "\(started.duration(to: cloning).seconds)"])
+        } catch let error as CephError where base.hinted && (error.errno == ENOENT || error.errno == EINVAL) {
+            // Recorded as ready on its lease, but gone (or unprotected: removed by hand, not by GC, which drops
+            // the record first): look again under the lease, building it if need be.
+            logger.warning("the base recorded as ready is gone; looking again", metadata: ["base": "\(settings.pool)/\(base.name)", "error": "\(error)"])
+            base = try await builder.ensure(image, cache: cache, source: source, volume: volume, trustHint: false)
+            info = try await cloneBase(base)
         }
         info.fallback = fallback
         info.seconds = started.duration(to: .now).seconds

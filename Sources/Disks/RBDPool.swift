@@ -150,6 +150,12 @@ final class BuildLease: Sendable {
         }
     }
 
+    /// Sets (nil: removes) an extended attribute of the lease object while the lease is held; false when it is
+    /// not held any more. Blocking.
+    func set(_ name: String, _ value: [UInt8]?) throws -> Bool {
+        try io.guardedSetXattr(object: object, lock: Self.lockName, cookie: cookie, name: name, value: value)
+    }
+
     /// Renews the lease; false when it expired or was taken over. Blocking.
     func renew() throws -> Bool {
         try io.lease(object: object, name: Self.lockName, cookie: cookie, description: "", seconds: seconds, renew: true)

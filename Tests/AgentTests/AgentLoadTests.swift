@@ -148,7 +148,12 @@ struct AgentLoadTests {
         a.signal(SIGSTOP)
         try await Task.sleep(for: .seconds(4))  // the 3 s lease expires
         let jb = (try b.request("POST", "/v1/disks?wait=false", json: body(ib, id)).1 as? [String: Any])?["id"] as? String ?? ""
-        try await waitFor("B to fence A") { b.log().contains("fenced a base builder") }
+        do {
+            try await waitFor("B to fence A") { b.log().contains("fenced a base builder") }
+        } catch {
+            Issue.record("B never fenced A. B: \(b.log().suffix(4000))\nA: \(a.log().suffix(2000))")
+            throw error
+        }
         // B builds and publishes, and its disk is made, while A is still stopped; only then does A go on.
         try await waitFor("B's disk", seconds: 180) { ["ready", "error"].contains(try job(b, jb)["state"] as? String ?? "") }
         let bBase = try rbdImages().filter { $0.hasPrefix("imgconv-base-\(id)") }

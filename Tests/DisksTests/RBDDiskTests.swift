@@ -167,6 +167,55 @@ struct RBDDiskTests {
         _ = try await nodes[0].1.collectGarbage(idleSeconds: 0, images: [id])
     }
 
+    /// The lease object records a published base's size (`imgconv.ready`), which waiters read instead of opening
+    /// the base. The record follows the base: written by the builder, written again by the next agent that finds a
+    /// base without one, survived when the base is removed by hand (the next disk rebuilds it), removed by GC.
+    @Test func theReadyRecordFollowsTheBase() async throws {
+        let dir = try temporaryDirectory("ready")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let image = try await upload("qcow2-zlib.qcow2", diskFormat: "qcow2", name: "disks-ready")
+        let id = image["id"] as! String
+        defer { Task { await OpenStack.deleteImage(id) } }
+        let (service, backend) = try node(dir)
+        let io = try await backend.poolContext()
+        let lease = "imgconv-lease.\(id)", base = "imgconv-base-\(id)"
+        func record() throws -> String? { try io.xattr(object: lease, name: "imgconv.ready").map { String(decoding: $0, as: UTF8.self) } }
+        let expected = try expectedRaw("qcow2-zlib.qcow2", format: "qcow2", dir: dir)
+
+        let first = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id))
+        #expect(first.method == .baseBuilt)
+        #expect(try record() == String(expected.count))
+
+        // A base published without the record (an agent of an earlier version): found under the lease, recorded.
+        #expect(try io.lease(object: lease, name: "build", cookie: "test", description: "test", seconds: 10, renew: false))
+        #expect(try io.guardedSetXattr(object: lease, lock: "build", cookie: "test", name: "imgconv.ready", value: nil))
+        try io.releaseLease(object: lease, name: "build", cookie: "test")
+        #expect(try record() == nil)
+        let second = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id))
+        #expect(second.method == .baseReused)
+        #expect(try record() == String(expected.count))
+
+        // The base removed by hand: the record is stale, the clone finds no parent, the base is built again.
+        try await backend.remove(first.name)
+        try await backend.remove(second.name)
+        let img = try io.openImage(base)
+        try img.unprotectSnapshot("imgconv")
+        try img.removeSnapshot("imgconv")
+        img.close()
+        try io.removeImage(base)
+        #expect(try record() != nil)
+        let third = try await service.create(DiskRequest(instanceUUID: newInstance(), imageID: id))
+        #expect(third.method == .baseBuilt)
+        #expect(try exported(third.location, dir: dir) == expected)
+        #expect(backend.stats.snapshot.basesBuilt == 2)
+
+        // GC drops the record with the base.
+        try await backend.remove(third.name)
+        #expect(try await backend.collectGarbage(idleSeconds: 0, images: [id]) == [base])
+        #expect(try record() == nil)
+        #expect(try !io.imageExists(base))
+    }
+
     /// A builder that died mid-import: its lease (3 s) is left unrenewed and its half-written part is in the pool.
     /// The next agent waits for the lease to expire, removes the part, builds the base itself; the part is never
     /// cloned.

@@ -133,6 +133,42 @@ struct RBDTests {
         #expect(!LiveClients.labels.contains(label))
     }
 
+    /// A watch wakes its waiters on another client's notify (acknowledged, so the notify does not wait out its
+    /// timeout), waits out its timeout without one, and once closed gets nothing more.
+    @Test func watchWakesOnNotify() async throws {
+        let object = Ceph.uniqueName("watch")
+        let a = try RadosCluster(Ceph.user, label: "watch A").ioContext(pool: "vms")
+        let b = try RadosCluster(Ceph.user, label: "watch B").ioContext(pool: "vms")
+        defer { try? b.removeObject(object) }
+        #expect(throws: CephError.self) { _ = try a.watch(object: object) }  // the object must exist
+        #expect(try b.lease(object: object, name: "build", cookie: "cb", description: "test", seconds: 30, renew: false))
+        let watch = try a.watch(object: object)
+        #expect(watch.generation == 0)
+
+        var clock = ContinuousClock.now
+        await watch.changed(since: 0, timeout: .milliseconds(300))
+        #expect(ContinuousClock.now - clock >= .milliseconds(300))
+        #expect(watch.generation == 0)
+
+        let seen = watch.generation
+        let waiting = Task { await watch.changed(since: seen, timeout: .seconds(20)) }
+        try await Task.sleep(for: .milliseconds(100))
+        clock = ContinuousClock.now
+        try b.notify(object: object, timeoutMilliseconds: 10_000)
+        #expect(ContinuousClock.now - clock < .seconds(5), "the notify waited for an acknowledgement that never came")
+        await waiting.value
+        #expect(ContinuousClock.now - clock < .seconds(5))
+        #expect(watch.generation == 1)
+        // A notify that came before the wait: returns at once.
+        await watch.changed(since: 0, timeout: .seconds(20))
+
+        watch.close()
+        let after = watch.generation
+        try b.notify(object: object, timeoutMilliseconds: 10_000)
+        #expect(watch.generation == after)
+        try b.releaseLease(object: object, name: "build", cookie: "cb")
+    }
+
     /// The fencing primitives a build lease is made of: a write guarded by the lock (cls_lock assert_locked), the
     /// client's address, and the blocklist, after which the fenced client's calls fail with ESHUTDOWN.
     @Test func guardedWritesNeedTheLockAndBlocklistingFences() throws {

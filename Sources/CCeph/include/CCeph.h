@@ -30,12 +30,17 @@
     X(rados_ioctx_destroy) \
     X(rados_list_lockers) \
     X(rados_lock_exclusive) \
+    X(rados_notify2) \
+    X(rados_notify_ack) \
     X(rados_pool_list) \
     X(rados_release_write_op) \
     X(rados_remove) \
     X(rados_shutdown) \
     X(rados_unlock) \
+    X(rados_unwatch2) \
     X(rados_wait_for_latest_osdmap) \
+    X(rados_watch3) \
+    X(rados_watch_flush) \
     X(rados_write_op_exec) \
     X(rados_write_op_operate) \
     X(rados_write_op_rmxattr) \
