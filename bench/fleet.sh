@@ -67,6 +67,20 @@ pct() {  # p (0-100) < values
 }
 glance_file_gets() { grep -c "GET /v2/images/$1/file" "$GLANCE_ACCESS_LOG" || true; }
 glance_file_bytes() { grep "GET /v2/images/$1/file" "$GLANCE_ACCESS_LOG" | awk '{s += ($10 == "-" ? 0 : $10)} END {print s + 0}'; }
+# CPU seconds (user + system) so far of the processes whose command line matches each pattern, "name=seconds ...".
+cpu_seconds() {
+    local pat t p tick
+    tick=$(getconf CLK_TCK)
+    for pat in keystone glance ceph-osd ceph-mon imgconv-agent; do
+        t=0
+        for p in $(pgrep -f "$pat"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done
+        printf '%s=%s ' "$pat" "$(echo "scale=2; $t / $tick" | bc)"
+    done
+}
+# cpu_delta BEFORE AFTER: the difference per name.
+cpu_delta() {
+    python3 -c 'import sys; a = dict(x.split("=") for x in sys.argv[1].split()); b = dict(x.split("=") for x in sys.argv[2].split()); print(", ".join("%s %.2f" % (k, float(b[k]) - float(a.get(k, 0))) for k in b))' "$1" "$2"
+}
 osd_ops() { "${CEPH[@]}" tell osd.0 perf dump osd 2>/dev/null | python3 -c 'import json,sys;d=json.load(sys.stdin)["osd"];print(d["op"], d["op_r"], d["op_w"])'; }
 
 echo "starting $n agents" >&2
@@ -87,7 +101,9 @@ for r in $(seq 1 "$rounds"); do
     # The reference: one node alone, first instance of a fresh upload (nothing cached, no base).
     ref=$(bench_upload "$src" qcow2 "" bench-fleet); images+=("$ref")
     sync; sleep 2
+    scpu0=$(cpu_seconds)
     create 0 "$ref" "$work/single"
+    scpu1=$(cpu_seconds)
     read -r t m _ <"$work/single"
     [ "$m" = base-built ] || { echo "single: expected base-built, got $m" >&2; exit 1; }
     single+=("$t")
@@ -98,9 +114,9 @@ for r in $(seq 1 "$rounds"); do
     # The fleet: every node at once, on a fresh upload of the same bytes.
     img=$(bench_upload "$src" qcow2 "" bench-fleet); images+=("$img")
     sync; sleep 2
-    ops0=$(osd_ops)
+    ops0=$(osd_ops) cpu0=$(cpu_seconds)
     fleet "$img" "r$r"
-    ops1=$(osd_ops)
+    ops1=$(osd_ops) cpu1=$(cpu_seconds)
     times=$(cat "$work/r$r".* | awk '{print $1}')
     methods=$(cat "$work/r$r".* | awk '{print $2}' | sort | uniq -c | awk '{printf "%s %s, ", $1, $2}')
     built=$(cat "$work/r$r".* | awk '$2 == "base-built"' | wc -l)
@@ -112,6 +128,7 @@ for r in $(seq 1 "$rounds"); do
     read -r o0 r0 w0 <<<"$ops0"; read -r o1 r1 w1 <<<"$ops1"
     echo "round $r: single first instance $t s; fleet of $n: p50 $p50 s, p90 $p90 s, max $max s (max / single $(printf %.2f "$(echo "$max / $t" | bc -l)")x); methods: $methods; bases built: $built; Glance file GETs: $gets, bytes $bytes (image $size); OSD ops $((o1 - o0)) (reads $((r1 - r0)), writes $((w1 - w0)))"
     echo "  builder $(cat "$work/r$r".* | awk '$2 == "base-built" {print $1}') s; every node, sorted: $(echo "$times" | sort -n | awk '{printf "%.2f ", $1}')"
+    echo "  CPU seconds, single: $(cpu_delta "$scpu0" "$scpu1"); fleet: $(cpu_delta "$cpu0" "$cpu1")"
     [ "$built" -eq 1 ] || echo "FAIL: $built bases built" >&2
     [ "$gets" -eq 1 ] || echo "FAIL: Glance served the image $gets times" >&2
 

@@ -109,7 +109,11 @@ final class BaseBuilder: Sendable {
                 // fleet starting at once), so the others keep waiting instead of connecting clients of their own;
                 // it is handed over in the two operations between its release and the builder's acquisition.
                 do {
-                    if client == nil { client = try await pool.newClient(label: "base builder of \(image.id)", background: true) }
+                    if client == nil {
+                        let connecting = ContinuousClock.now
+                        client = try await pool.newClient(label: "base builder of \(image.id)", background: true)
+                        logger.debug("connected the base builder's client", metadata: ["image": "\(image.id)", "seconds": "\(connecting.duration(to: .now).seconds)"])
+                    }
                 } catch {
                     await cleanup { held.release() }
                     throw error

@@ -10,9 +10,8 @@ import SystemIO
 /// A fleet of nodes asking for a new image at once would otherwise poll: at 0.05 s growing to every 0.5 s, each
 /// node finds the base up to half a second late, and at 500 nodes the lease object takes ~1,500 reads a second.
 /// With the watch a waiter wakes within a round trip of the notify (measured: all 31 waiters of a fleet of 32 at
-/// once) and otherwise sleeps; it still re-checks on a
-/// timeout (growing to 2 s), because a notify can be lost when the watch's connection resets. If the watch
-/// cannot be registered the waiter polls as before.
+/// once) and otherwise sleeps; it still re-checks every 1-2 s, because a notify can be lost when the watch's
+/// connection resets. If the watch cannot be registered the waiter polls as before.
 final class BaseWaiter: Sendable {
     let pool: RBDPool
     let object: String
@@ -42,13 +41,17 @@ final class BaseWaiter: Sendable {
     }
 
     /// Waits until a notify newer than `since` arrives or `delay` seconds pass; returns the next delay. The first
-    /// call registers the watch (a notify that came before it is caught by the short first timeout).
+    /// call only registers the watch and returns at once: the caller checks again, which catches a base published
+    /// before the watch existed, and from then on waits for the notify, re-checking every 1 s, then every 2 s, in
+    /// case one was lost. (Polling would re-check a fleet's every waiter 6 times in the first second, while the
+    /// builder is connecting and starting on the same machines and OSDs.)
     func wait(since: Int, delay: Double) async -> Double {
         if case .notYet = state.withLock({ $0 }) {
             let object = self.object
             do {
                 let w = try await pool.run(.calls) { try $0.watch(object: object) }
                 state.withLock { $0 = .watching(w) }
+                return 1
             } catch {
                 state.withLock { $0 = .polling }
                 logger.info("cannot watch the base's lease object; polling for the base", metadata: ["object": "\(object)", "error": "\(error)"])
@@ -84,6 +87,10 @@ final class BaseWaiter: Sendable {
             if case let .watching(w) = s { return w }
             return nil
         }
-        if let current { await cleanup { current.close() } }
+        if let current {
+            let closing = ContinuousClock.now
+            await cleanup { current.close() }
+            logger.debug("stopped watching", metadata: ["object": "\(object)", "seconds": "\(closing.duration(to: .now).seconds)"])
+        }
     }
 }

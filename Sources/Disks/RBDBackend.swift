@@ -130,6 +130,7 @@ public final class RBDBackend: DiskBackend, Sendable {
                                 method: base.built ? built : .baseReused, bytesWritten: base.written)
             }
         }
+        logger.debug("looking for the base", metadata: ["image": "\(image.id)", "since_request": "\(started.duration(to: .now).seconds)"])
         var base = try await builder.ensure(image, cache: cache, source: source, volume: volume)
         var info: DiskInfo
         do {
