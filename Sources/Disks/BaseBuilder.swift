@@ -19,10 +19,11 @@ import SystemIO
 /// goes back to waiting: it clones what the other published.
 ///
 /// Waiting is cheap for the cluster, because a fleet of nodes asks for a new image at once: the builder records
-/// the published base's size on the lease object (`readyKey`), and a waiter polls that attribute and the lease
-/// itself with the agent's shared client (one operation each, nothing recorded, so that client is never
-/// fenced). Only an agent that finds the lease free opens a client of its own to build with, and a waiter that
-/// sees the attribute clones at once, without opening the base (13 reads of its header less per clone).
+/// the published base's size on the lease object (`readyKey`) and notifies its watchers (`BaseWaiter`); a waiter
+/// checks that attribute and tries the lease itself with the agent's shared client (one operation each, nothing
+/// recorded, so that client is never fenced), then sleeps until the notify. Only an agent that finds the lease
+/// free connects a client of its own to build with, and a waiter that reads the attribute clones at once,
+/// without opening the base (13 reads of its header less per clone).
 final class BaseBuilder: Sendable {
     let pool: RBDPool
     let logger: Logger
@@ -72,8 +73,11 @@ final class BaseBuilder: Sendable {
     func ensure(_ image: GlanceImage, cache: ImageCache, source: any ImageSource, volume: CinderVolumeImage? = nil,
                 trustHint: Bool = true) async throws -> Base {
         let waiter = BaseWaiter(pool: pool, object: settings.leaseObject(image.id), logger: logger)
+        let builderClient = BuilderClient()
+        defer { builderClient.retire() }
         do {
-            let base = try await ensure(image, cache: cache, source: source, volume: volume, trustHint: trustHint, waiter: waiter)
+            let base = try await ensure(image, cache: cache, source: source, volume: volume, trustHint: trustHint,
+                                        waiter: waiter, builderClient: builderClient)
             await waiter.close()
             return base
         } catch {
@@ -82,23 +86,47 @@ final class BaseBuilder: Sendable {
         }
     }
 
+    /// The builder's own librados client, once connected. Its last reference is dropped by `retire` on a blocking
+    /// thread, after the disk's request has moved on: `rados_shutdown` joins the client's threads, which took up
+    /// to a second with a fleet's clones in flight, and must not run on the cooperative pool either.
+    final class BuilderClient: Sendable {
+        private let slot = Mutex<IOContext?>(nil)
+        var io: IOContext? {
+            get { slot.withLock { $0 } }
+            set { slot.withLock { $0 = newValue } }
+        }
+
+        func retire() {
+            guard let retained = slot.withLock({ s -> Unmanaged<IOContext>? in
+                defer { s = nil }
+                return s.map { Unmanaged.passRetained($0) }
+            }) else { return }
+            BlockingExecutor.shared.submit(.calls) { retained.release() }
+        }
+    }
+
     private func ensure(_ image: GlanceImage, cache: ImageCache, source: any ImageSource, volume: CinderVolumeImage?,
-                        trustHint: Bool, waiter: BaseWaiter) async throws -> Base {
+                        trustHint: Bool, waiter: BaseWaiter, builderClient: BuilderClient) async throws -> Base {
         let base = settings.baseName(image.id), snapshot = settings.snapshot, leaseObject = settings.leaseObject(image.id)
         let deadline = ContinuousClock.now + .seconds(settings.baseWait)
         var delay = 0.05
         var waited = false
-        var client: IOContext?
+        var client: IOContext? {
+            get { builderClient.io }
+            set { builderClient.io = newValue }
+        }
         while true {
             try Task.checkCancellation()
             let seen = waiter.generation
             if trustHint, let size = try await pool.run(.calls, { try Self.readyHint($0, leaseObject: leaseObject) }) {
                 return Base(name: base, built: false, written: 0, size: size, hinted: true)
             }
-            switch try await probe(image.id, base: base, snapshot: snapshot) {
+            switch try await probe(image.id, base: base, snapshot: snapshot, askHolder: !waited) {
             case let .ready(size): return Base(name: base, built: false, written: 0, size: size)
-            case .held:
-                waited = true
+            case let .held(byBuilder):
+                // Waiting for a builder (not another agent's probe, nor GC): if this agent builds after all, it is
+                // a take-over.
+                if byBuilder { waited = true }
                 guard ContinuousClock.now < deadline else { throw DiskError.baseTimeout(id: image.id, seconds: settings.baseWait) }
                 // Woken by the builder's notify; the timeout is the fallback for a notify that was lost.
                 delay = await waiter.wait(since: seen, delay: delay)
@@ -169,8 +197,9 @@ final class BaseBuilder: Sendable {
         /// The base is published (found under the lease: one written before `readyKey` existed, or whose attribute
         /// was lost); the attribute is now recorded.
         case ready(UInt64)
-        /// A builder (or GC, or another agent's probe) holds the lease.
-        case held
+        /// Somebody holds the lease: `byBuilder` when it is a builder, not another agent's probe or GC (told by
+        /// the lock's cookie), asked only with `askHolder`.
+        case held(byBuilder: Bool)
         /// Nobody held it: the probe's lease, still held, for the caller to release. `fenced` on it: the last
         /// holder had stopped renewing and was fenced by this probe.
         case free(BuildLease)
@@ -178,13 +207,18 @@ final class BaseBuilder: Sendable {
 
     /// Takes the lease with the shared client, recording nothing (as GC does), to learn whether somebody holds it,
     /// and while holding it whether the base is already published. Costs a waiter one operation while a builder
-    /// holds the lease.
-    func probe(_ imageID: String, base: String, snapshot: String) async throws -> Probe {
+    /// holds the lease, two with `askHolder`.
+    func probe(_ imageID: String, base: String, snapshot: String, askHolder: Bool) async throws -> Probe {
         let settings = self.settings, logger = self.logger
         return try await pool.run(.calls) { io -> Probe in
-            guard let lease = try BuildLease.acquire(io: io, object: settings.leaseObject(imageID), seconds: settings.leaseSeconds,
+            let object = settings.leaseObject(imageID)
+            guard let lease = try BuildLease.acquire(io: io, object: object, seconds: settings.leaseSeconds,
                                                      description: "imgconv base probe", record: false,
-                                                     fenceSeconds: settings.fenceSeconds, logger: logger) else { return .held }
+                                                     fenceSeconds: settings.fenceSeconds, logger: logger) else {
+                guard askHolder else { return .held(byBuilder: false) }
+                let holders = try io.lockers(object: object, name: BuildLease.lockName)
+                return .held(byBuilder: holders.contains { !$0.cookie.hasPrefix(BuildLease.unrecordedPrefix) })
+            }
             do {
                 guard let size = try Self.readyBase(io, base, snapshot: snapshot) else { return .free(lease) }
                 _ = try lease.set(Self.readyKey, Array(String(size).utf8))
@@ -257,7 +291,8 @@ final class BaseBuilder: Sendable {
                 try io.renameImage(part, to: base)
                 // Waiters clone as soon as they read this. Without it (the lease was lost right after the rename)
                 // they find the base under the lease instead.
-                if try !lease.set(Self.readyKey, Array(String(size).utf8)) {
+                // Published: nothing may fail the build from here on.
+                if (try? lease.set(Self.readyKey, Array(String(size).utf8))) != true {
                     logger.warning("could not record the base as ready on its lease", metadata: ["base": "\(io.pool)/\(base)"])
                 }
                 return size

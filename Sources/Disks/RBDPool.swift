@@ -101,6 +101,8 @@ final class RBDPool: Sendable {
 final class BuildLease: Sendable {
     static let lockName = "build"
     static let recordKey = "imgconv.builder"
+    /// Cookies of holders that record nothing (GC, a waiter's probe) start with it; a builder's never do.
+    static let unrecordedPrefix = "gc-"
 
     let io: IOContext
     let object: String
@@ -121,7 +123,7 @@ final class BuildLease: Sendable {
     /// garbage collector takes the lease only to keep builders out, and records nothing. Blocking.
     static func acquire(io: IOContext, object: String, seconds: Int, description: String, record: Bool,
                         fenceSeconds: UInt32, logger: Logger) throws -> BuildLease? {
-        let cookie = (record ? "" : "gc-") + UUID().uuidString.lowercased()
+        let cookie = (record ? "" : unrecordedPrefix) + UUID().uuidString.lowercased()
         guard try io.lease(object: object, name: lockName, cookie: cookie, description: description, seconds: seconds, renew: false) else {
             return nil
         }
