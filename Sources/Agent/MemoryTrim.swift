@@ -55,24 +55,13 @@ struct IdleTrim {
         return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
     }
 
-    /// Resident bytes, from /proc/self/statm.
-    static func residentBytes() -> UInt64? {
-        guard let f = fopen("/proc/self/statm", "r") else { return nil }
-        defer { fclose(f) }
-        var line = [CChar](repeating: 0, count: 128)
-        guard fgets(&line, Int32(line.count), f) != nil else { return nil }
-        let fields = String(cString: line).split(separator: " ")
-        guard fields.count >= 2, let pages = UInt64(fields[1]) else { return nil }
-        return pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
-    }
-
     /// Returns freed heap pages (and with `pageOutCode` the code's pages) to the system: blocking, off the pool.
     /// Resident bytes before and after, and what was paged out.
     static func trimNow(pageOutCode: Bool) -> Trimmed {
-        let before = residentBytes()
+        let before = Residency.residentBytes()
         _ = malloc_trim(0)
         let pagedOut = pageOutCode ? Residency.pageOut() : nil
-        return Trimmed(before: before, after: residentBytes(), pagedOut: pagedOut)
+        return Trimmed(before: before, after: Residency.residentBytes(), pagedOut: pagedOut)
     }
 
     struct Trimmed: Sendable {

@@ -32,7 +32,7 @@ enum Metrics {
         hist.append(("_count", "\(m.jobsFinished)"))
         out += "# HELP imgconv_job_duration_seconds Fetch job durations.\n# TYPE imgconv_job_duration_seconds histogram\n"
         for (suffix, v) in hist { out += "imgconv_job_duration_seconds\(suffix) \(v)\n" }
-        metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [("", "\(IdleTrim.residentBytes() ?? 0)")])
+        metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [("", "\(Residency.residentBytes() ?? 0)")])
         metric("imgconv_memory_trims_total", "counter", "Times freed memory went back to the system after an idle interval.",
                [("", "\(IdleTrim.count.load(ordering: .relaxed))")])
         if let r = Residency.resident() {

@@ -57,6 +57,12 @@ final class BaseBuilder: Sendable {
         return UInt64(String(decoding: raw, as: UTF8.self))
     }
 
+    /// Records the published base's size under `lease` (what `readyHint` reads); false when the lease is gone.
+    /// Blocking.
+    static func recordReady(_ lease: BuildLease, size: UInt64) throws -> Bool {
+        try lease.set(readyKey, Array(String(size).utf8))
+    }
+
     /// The base's virtual size if it is complete (it has its protected snapshot); nil if it does not exist.
     static func readyBase(_ io: IOContext, _ base: String, snapshot: String) throws -> UInt64? {
         do {
@@ -221,7 +227,7 @@ final class BaseBuilder: Sendable {
             }
             do {
                 guard let size = try Self.readyBase(io, base, snapshot: snapshot) else { return .free(lease) }
-                _ = try lease.set(Self.readyKey, Array(String(size).utf8))
+                _ = try Self.recordReady(lease, size: size)
                 lease.release()
                 return .ready(size)
             } catch {
@@ -289,10 +295,9 @@ final class BaseBuilder: Sendable {
                 let size = try img.stat().size
                 img.close()
                 try io.renameImage(part, to: base)
-                // Waiters clone as soon as they read this. Without it (the lease was lost right after the rename)
-                // they find the base under the lease instead.
-                // Published: nothing may fail the build from here on.
-                if (try? lease.set(Self.readyKey, Array(String(size).utf8))) != true {
+                // Waiters clone as soon as they read this; without it (the lease was lost right after the rename)
+                // they find the base under the lease instead. Published: nothing may fail the build from here on.
+                if (try? Self.recordReady(lease, size: size)) != true {
                     logger.warning("could not record the base as ready on its lease", metadata: ["base": "\(io.pool)/\(base)"])
                 }
                 return size

@@ -68,6 +68,14 @@ public enum Residency {
         return result
     }
 
+    /// Resident bytes of this process (the second field of /proc/self/statm, in pages).
+    public static func residentBytes() -> UInt64? {
+        guard let statm = readProcFile("/proc/self/statm") else { return nil }
+        let fields = statm.split(separator: " ")
+        guard fields.count >= 2, let pages = UInt64(fields[1]) else { return nil }
+        return pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+    }
+
     /// Resident bytes of this process, split as the kernel counts them (`RssAnon`, `RssFile`, `RssShmem` of
     /// /proc/self/status).
     public static func resident() -> (anonymous: UInt64, file: UInt64)? {
