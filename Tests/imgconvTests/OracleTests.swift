@@ -93,6 +93,12 @@ func mergedData(_ runs: [(UInt64, UInt64, Bool)]) -> [ClosedRange<UInt64>] {
     return out
 }
 
+struct OracleBuildFailed: Error, CustomStringConvertible {
+    var step: [String]
+    var state: String
+    var description: String { "building the case failed at: \(step.joined(separator: " "))\n\(state)" }
+}
+
 @Suite("qemu-img oracle", .enabled(if: qemuAvailable, "qemu-img not installed"))
 struct OracleTests {
     /// Builds the case's image in a fresh directory; returns its path.
@@ -103,19 +109,36 @@ struct OracleTests {
         if c.script == nil || c.script!.contains(where: { $0.contains("$BASE") }) {
             try writeBaseImage(base, size: c.baseSize)
         }
-        if let script = c.script {
-            for cmd in script {
-                try run(cmd.map { $0 == "$IMG" ? img : ($0 == "$BASE" ? base : $0) })
-            }
-        } else if c.format == .raw {
-            try run(["cp", "--sparse=always", base, img])
-        } else {
-            try run(["qemu-img", "convert", "-f", "raw", "-O", c.format.rawValue] + c.convertArgs + [base, img])
+        var steps = c.script?.map { $0.map { $0 == "$IMG" ? img : ($0 == "$BASE" ? base : $0) } } ?? []
+        if c.script == nil {
+            steps.append(c.format == .raw ? ["cp", "--sparse=always", base, img]
+                : ["qemu-img", "convert", "-f", "raw", "-O", c.format.rawValue] + c.convertArgs + [base, img])
         }
         if !c.qemuIO.isEmpty {
-            try run(["qemu-io", "-f", c.format.rawValue] + c.qemuIO.flatMap { ["-c", $0] } + [img])
+            steps.append(["qemu-io", "-f", c.format.rawValue] + c.qemuIO.flatMap { ["-c", $0] } + [img])
+        }
+        // A step that failed stops the case here, so the failure reported is the cause, not what follows from it.
+        for step in steps where try run(step).status != 0 {
+            throw OracleBuildFailed(step: step, state: describe(dir: dir, image: img))
         }
         return (dir, img)
+    }
+
+    /// Opens the case's image; when it cannot, records what the image looked like.
+    func openRecording(_ c: OracleCase, _ img: String, dir: String, after: String) throws -> any DiskImage {
+        do { return try open(c, img) } catch {
+            Issue.record("could not open what \(after) just read: \(error)\n\(describe(dir: dir, image: img))")
+            throw error
+        }
+    }
+
+    /// What the case's directory and the head of its image looked like: recorded when an image qemu-img has just
+    /// made cannot be read (seen three times under load, never reproduced: a VMDK descriptor read as raw).
+    func describe(dir: String, image: String) -> String {
+        let ls = (try? run(["ls", "-la", "--time-style=full-iso", dir], allowFailure: true).out) ?? "?"
+        let head = (try? run(["sh", "-c", "head -c 1024 '\(image)' | od -c | head -40"], allowFailure: true).out) ?? "?"
+        let info = (try? run(["qemu-img", "info", image], allowFailure: true)).map { $0.out + $0.err } ?? "?"
+        return "\(ls)\n\(head)\nqemu-img info now:\n\(info)"
     }
 
     func open(_ c: OracleCase, _ path: String) throws -> any DiskImage {
@@ -129,7 +152,7 @@ struct OracleTests {
         let (dir, img) = try build(c)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let q = try parseJSON(run(["qemu-img", "info", "-f", c.format.rawValue, "--output=json", img]).out) as! [String: Any]
-        let image = try open(c, img)
+        let image = try openRecording(c, img, dir: dir, after: "qemu-img info")
         #expect(try FormatDetector.detect(FileStorage(path: img)) == c.format)
         let ours = try parseJSON(image.info().json.pretty()) as! [String: Any]
         #expect(ours["format"] as? String == q["format"] as? String)
@@ -159,7 +182,10 @@ struct OracleTests {
         var args = [imgconvBinary, "convert", "-f", c.format.rawValue, "-O", "raw"]
         if c.extentFiles { args += ["--allow-extent-files", "--trusted"] }  // descriptors are unsafe by default
         let start = Date()
-        try run(args + [img, ours])
+        if try run(args + [img, ours]).status != 0 {
+            Issue.record("imgconv could not convert what qemu-img just made:\n\(describe(dir: dir, image: img))")
+            return
+        }
         let elapsed = Date().timeIntervalSince(start)
         if c.huge {
             // Comparing two 1 TiB sparse files by hash would read 2 TiB of zeros; qemu-img compare walks the maps.
@@ -189,14 +215,7 @@ struct OracleTests {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let q = try parseJSON(run(["qemu-img", "map", "-f", c.format.rawValue, "--output=json", img]).out) as! [[String: Any]]
         let qData = mergedData(q.map { (UInt64($0["start"] as! Int), UInt64($0["length"] as! Int), $0["data"] as! Bool) })
-        let image: any DiskImage
-        do { image = try open(c, img) } catch {
-            // Seen twice under load and never reproduced: a descriptor qemu-img had just written read as raw.
-            // Keep what the file looked like.
-            let ls = try run(["ls", "-la", dir]).out, head = try run(["sh", "-c", "head -c 1024 '\(img)' | od -c | head -40"]).out
-            Issue.record("could not open what qemu-img map just read: \(error)\n\(ls)\n\(head)")
-            throw error
-        }
+        let image = try openRecording(c, img, dir: dir, after: "qemu-img map")
         let extents = try image.allExtents()
         #expect(extents.first?.start == 0)
         #expect(extents.last?.end == image.virtualSize)
