@@ -40,21 +40,16 @@ api() {  # node curl-args...
     local node=$1; shift
     curl -sf -m 3600 --unix-socket "$work/node-$node/agent.sock" "$@"
 }
-# create NODE IMAGE OUT: POST /v1/disks; writes "seconds method name" to OUT.
-create() {
-    local inst t0 o
-    inst=$(cat /proc/sys/kernel/random/uuid)
-    t0=$(date +%s.%N)
-    o=$(api "$1" -X POST -H 'Content-Type: application/json' -d "{\"instance_uuid\":\"$inst\",\"image_id\":\"$2\"}" http://a/v1/disks) || o='{"method":"error"}'
-    echo "$(echo "$(date +%s.%N) - $t0" | bc) $(echo "$o" | python3 -c 'import json,sys;d=json.load(sys.stdin);print(d.get("method"), d.get("name"))')" >"$3"
+# fire TAG IMAGE NODE...: asks the nodes at the same moment (bench/fire.py: one client process, connections
+# opened beforehand) and writes "seconds method name" to $work/TAG.I for each node I.
+fire() {
+    local tag=$1 image=$2 i socks=()
+    shift 2
+    for i in "$@"; do socks+=("$work/node-$i/agent.sock"); done
+    python3 bench/fire.py "$image" "$work/$tag" "${socks[@]}"
 }
 # fleet IMAGE TAG: every node at once; per-node results in $work/TAG.*
-fleet() {
-    local i
-    for i in $(seq 0 $((n - 1))); do create "$i" "$1" "$work/$2.$i" & done
-    wait "${!}" 2>/dev/null || true
-    for i in $(seq 0 $((n - 1))); do while [ ! -s "$work/$2.$i" ]; do sleep 0.05; done; done
-}
+fleet() { fire "$2" "$1" $(seq 0 $((n - 1))); }
 remove_disks() {  # TAG
     local i name
     for i in $(seq 0 $((n - 1))); do
@@ -102,12 +97,12 @@ for r in $(seq 1 "$rounds"); do
     ref=$(bench_upload "$src" qcow2 "" bench-fleet); images+=("$ref")
     sync; sleep 2
     scpu0=$(cpu_seconds)
-    create 0 "$ref" "$work/single"
+    fire single "$ref" 0
     scpu1=$(cpu_seconds)
-    read -r t m _ <"$work/single"
+    read -r t m _ <"$work/single.0"
     [ "$m" = base-built ] || { echo "single: expected base-built, got $m" >&2; exit 1; }
     single+=("$t")
-    api 0 -X DELETE "http://a/v1/disks/$(awk '{print $3}' "$work/single")" >/dev/null
+    api 0 -X DELETE "http://a/v1/disks/$(awk '{print $3}' "$work/single.0")" >/dev/null
     api 0 -X POST "http://a/v1/bases/gc?idle=0&image=$ref" >/dev/null
     api 0 -X DELETE "http://a/v1/images/$ref" >/dev/null 2>&1 || true
 
