@@ -16,6 +16,10 @@ public struct ConvertOptions: Sendable {
     /// Threads for the workers and the writer: nil, Dispatch's (the CLI, at full priority); the agent passes
     /// `WorkerPool.background`, so its conversions run at background priority (`Niceness`).
     public var pool: WorkerPool?
+    /// Share the blocks of runs the image stores verbatim, block-aligned, in a file on the output's file system
+    /// (XFS, btrfs: `FileClone`) instead of reading and writing them. Where the file system refuses, the bytes
+    /// are copied as usual.
+    public var cloneExtents = true
 
     public init() {}
 
@@ -61,6 +65,8 @@ public struct ConvertStats: Sendable, Equatable {
     public var zeroBytesSkipped: UInt64 = 0
     /// Bytes never read because the map says they are zero or unallocated.
     public var holeBytes: UInt64 = 0
+    /// Data bytes shared with the source file instead of copied (`ConvertOptions.cloneExtents`).
+    public var bytesCloned: UInt64 = 0
 }
 
 /// Copies an image into a sink by walking its extents: only data is read, only non-zero units are written.
@@ -103,6 +109,65 @@ public struct Converter: Sendable {
     struct Window {
         var offset: UInt64
         var length: Int
+        /// Set when the whole window's data is shared with the source file instead of read.
+        var clones: [CloneRun]? = nil
+    }
+
+    /// A run of a window the image stores verbatim at `host` in `files[file]`.
+    struct CloneRun: Equatable {
+        var file: Int
+        var host: UInt64
+        var length: UInt64
+        var offset: UInt64
+    }
+
+    /// Which of the image's files can be cloned into the sink, and at which alignment.
+    final class ClonePlan: @unchecked Sendable {
+        let sink: any ExtentCloningSink
+        let sources: [Int: (storage: FileStorage, alignment: UInt64)]
+        /// Set by the writer when the file system refused a clone: later windows are read and written.
+        let refused = Atomic<Bool>(false)
+        /// What the windows planned as clones and then copied after a refusal came to.
+        let copiedInstead = Mutex(ConvertStats())
+
+        init?(_ image: any DiskImage, _ sink: any ImageSink) {
+            guard let cloning = sink as? any ExtentCloningSink else { return nil }
+            var sources: [Int: (storage: FileStorage, alignment: UInt64)] = [:]
+            for (i, f) in image.files.enumerated() {
+                if let storage = f as? FileStorage, let a = cloning.cloneAlignment(from: storage), a > 0 { sources[i] = (storage, a) }
+            }
+            guard !sources.isEmpty else { return nil }
+            self.sink = cloning
+            self.sources = sources
+        }
+
+        /// The window's data as clone runs, or nil when any of it is compressed, in another file, or not aligned
+        /// to the file system's blocks (it is read then). Zero and unallocated runs stay holes in the new file.
+        func runs(_ image: any DiskImage, _ w: Window) throws -> [CloneRun]? {
+            var out: [CloneRun] = []
+            var pos = w.offset
+            let end = w.offset + UInt64(w.length)
+            while pos < end {
+                let seg = try image.segment(at: pos, until: end)
+                guard seg.start <= pos, seg.start + seg.length > pos else { return nil }
+                let n = min(seg.start + seg.length, end) - pos
+                switch seg.mapping {
+                case .zero, .unallocated: break
+                case .compressed: return nil
+                case let .data(file, host):
+                    guard let a = sources[file]?.alignment else { return nil }
+                    let h = host + (pos - seg.start)
+                    guard h % a == 0, pos % a == 0, n % a == 0 else { return nil }
+                    if let last = out.last, last.file == file, last.host + last.length == h, last.offset + last.length == pos {
+                        out[out.count - 1].length += n
+                    } else {
+                        out.append(CloneRun(file: file, host: h, length: n, offset: pos))
+                    }
+                }
+                pos += n
+            }
+            return out
+        }
     }
 
     /// The result of one window: its runs, encoded, plus counters.
@@ -182,14 +247,16 @@ public struct Converter: Sendable {
         var skipped: [(UInt64, UInt64)] = []
         let zeroSkipped = options.zeroSkippedRanges
         var flip = 0
+        let clonePlan = options.cloneExtents && !zeroSkipped ? ClonePlan(image, sink) : nil
         while true {
             if cancel() { throw SinkError.cancelled }
             // Plan a batch.
             var windows: [Window] = []
-            while windows.count < batchSize, let w = try planner.next(skip: { off, len in
+            while windows.count < batchSize, var w = try planner.next(skip: { off, len in
                 stats.holeBytes += len
                 if zeroSkipped { skipped.append((off, len)) }
             }) {
+                if let clonePlan, !clonePlan.refused.load(ordering: .relaxed) { w.clones = try clonePlan.runs(image, w) }
                 windows.append(w)
             }
             let buffer = buffers[flip]
@@ -204,6 +271,7 @@ public struct Converter: Sendable {
                     do {
                         let (slots, buffer, sink) = shared.value
                         let w = wins[i]
+                        if w.clones != nil { return }
                         let buf = UnsafeMutableRawBufferPointer(rebasing: buffer[(i * chunk)..<(i * chunk + w.length)])
                         try image.read(into: buf, at: w.offset)
                         slots[i] = try Self.encodeWindow(UnsafeRawBufferPointer(buf), at: w.offset, unit: unit, sink: sink,
@@ -223,6 +291,10 @@ public struct Converter: Sendable {
             pendingWrite.wait()
             if let e = writeError.withLock({ $0 }) { throw e }
             for (w, r) in zip(windows, results) {
+                if let clones = w.clones {
+                    stats.bytesCloned += clones.reduce(0) { $0 + $1.length }
+                    continue
+                }
                 stats.bytesRead += UInt64(w.length)
                 stats.bytesWritten += r.written
                 stats.zeroBytesSkipped += r.zeroSkipped
@@ -240,6 +312,9 @@ public struct Converter: Sendable {
                     for (off, len) in holes { try sink.zero(at: off, length: len) }
                     for (w, r) in zip(windows, results) {
                         if cancel() || abandoned.load(ordering: .relaxed) { throw SinkError.cancelled }
+                        if let clones = w.clones, let clonePlan {
+                            try Self.clone(clones, of: w, image: image, plan: clonePlan, unit: unit)
+                        }
                         for (off, len) in r.zeros { try sink.zero(at: off, length: len) }
                         for run in r.runs { try sink.write(run) }
                         progress?(w.offset + UInt64(w.length), size)
@@ -257,8 +332,42 @@ public struct Converter: Sendable {
         }
         pendingWrite.wait()
         if let e = writeError.withLock({ $0 }) { throw e }
+        if let copied = clonePlan?.copiedInstead.withLock({ $0 }) {
+            stats.bytesCloned -= copied.bytesCloned
+            stats.bytesRead += copied.bytesRead
+            stats.bytesWritten += copied.bytesWritten
+            stats.zeroBytesSkipped += copied.zeroBytesSkipped
+        }
         progress?(image.virtualSize, image.virtualSize)
         return stats
+    }
+
+    /// Shares a window's runs with the source file; where the file system refuses, reads and writes the window as
+    /// usual (and the plan stops cloning).
+    static func clone(_ clones: [CloneRun], of w: Window, image: any DiskImage, plan: ClonePlan, unit: Int) throws {
+        // Windows planned before a refusal are copied without asking again.
+        if !plan.refused.load(ordering: .relaxed) {
+            do {
+                for c in clones {
+                    try plan.sink.clone(from: plan.sources[c.file]!.storage, at: c.host, length: c.length, to: c.offset)
+                }
+                return
+            } catch let e as FileError where FileClone.isRefusal(e.errno) {
+                plan.refused.store(true, ordering: .relaxed)
+            }
+        }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: w.length, alignment: 4096)
+        defer { buffer.deallocate() }
+        try image.read(into: buffer, at: w.offset)
+        let r = try encodeWindow(UnsafeRawBufferPointer(buffer), at: w.offset, unit: unit, sink: plan.sink)
+        for run in r.runs { try plan.sink.write(run) }
+        try plan.sink.drain()  // the runs point into `buffer`
+        plan.copiedInstead.withLock {
+            $0.bytesCloned += clones.reduce(0) { $0 + $1.length }
+            $0.bytesRead += UInt64(w.length)
+            $0.bytesWritten += r.written
+            $0.zeroBytesSkipped += r.zeroSkipped
+        }
     }
 
     /// Stores one buffer of a stream (a download) at `offset` exactly as the converter stores a window: cut into

@@ -1,4 +1,7 @@
 import SystemIO
+#if canImport(Glibc)
+import Glibc
+#endif
 import Dispatch
 import ImageFormats
 
@@ -51,5 +54,18 @@ public final class GatedSink: ImageSink {
                                                   + "(--trusted converts a trusted local file anyway)")
             }
         }
+    }
+}
+
+extension GatedSink: ExtentCloningSink {
+    public func cloneAlignment(from source: FileStorage) -> UInt64? {
+        (inner as? any ExtentCloningSink)?.cloneAlignment(from: source)
+    }
+
+    public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {
+        guard let cloning = inner as? any ExtentCloningSink else {
+            throw FileError("FICLONERANGE", path: outputFile?.currentPath ?? "output", errno: EOPNOTSUPP)
+        }
+        try cloning.clone(from: source, at: hostOffset, length: length, to: offset)
     }
 }

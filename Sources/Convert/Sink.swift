@@ -97,6 +97,17 @@ public enum Preallocation: String, Sendable {
     case off, falloc, full
 }
 
+/// A sink whose output can share blocks with a source file (`FileClone`): where the image stores a run verbatim in
+/// a file on the output's file system, the converter clones it instead of reading and writing it.
+public protocol ExtentCloningSink: ImageSink {
+    /// The alignment clones from `source` must respect (the file system's block size), or nil when `source` can
+    /// never be cloned into this output (another file system, an existing target written in place).
+    func cloneAlignment(from source: FileStorage) -> UInt64?
+    /// Shares `length` bytes at `hostOffset` of `source` into the output at `offset`. A `FileError` whose errno
+    /// `FileClone.isRefusal` accepts means the file system would not; the caller copies the bytes instead.
+    func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws
+}
+
 /// A sparse raw file: sized with ftruncate, only data is written into it. Holes are never written.
 public final class RawFileSink: ImageSink {
     public let unit: Int
@@ -164,4 +175,19 @@ public final class RawFileSink: ImageSink {
     public func finish() throws { try file.commit() }
     /// In place there is no temporary file: the existing target is closed and stays.
     public func abort() { file.discard() }
+}
+
+extension RawFileSink: ExtentCloningSink {
+    /// Only a file this sink created, sparse: an existing target keeps its own blocks (`-n`), and a preallocated
+    /// one was asked to own its blocks.
+    public func cloneAlignment(from source: FileStorage) -> UInt64? {
+        guard !inPlace, preallocation == .off, file.fd >= 0, FileClone.mayShareExtents(file.fd),
+              FileClone.sameFileSystem(source.descriptor, file.fd) else { return nil }
+        return FileClone.blockSize(file.fd)
+    }
+
+    public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {
+        try FileClone.cloneRange(from: source.descriptor, at: hostOffset, length: length, to: file.fd, at: offset,
+                                 path: file.currentPath)
+    }
 }

@@ -71,6 +71,10 @@ public final class FileStorage: ImageStorage {
 
     deinit { close(fd) }
 
+    /// The open descriptor, for calls that act on the file as a whole (sharing its extents with an output).
+    /// It stays owned by this storage.
+    public var descriptor: Int32 { fd }
+
     public var allocatedBytes: UInt64? {
         var st = stat()
         guard fstat(fd, &st) == 0 else { return nil }

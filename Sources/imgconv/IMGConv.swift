@@ -255,6 +255,8 @@ struct ConvertCommand: ParsableCommand {
     var progressFormat: String?
     @Flag(name: .customLong("trusted"), help: "Convert even if the inspection finds the image unsafe (for trusted local files). Backing files, data files and parents are still never opened.")
     var trusted = false
+    @Flag(name: .customLong("no-clone"), help: "Copy every byte. By default, on a file system that shares extents (XFS, btrfs), raw output shares the blocks the source stores as they are (what qemu-img -C and cp --reflink do) instead of reading and writing them.")
+    var noClone = false
     @Argument(help: "The source image.") var src: String
     @Argument(help: "The output file.") var dst: String
 
@@ -275,6 +277,7 @@ struct ConvertCommand: ParsableCommand {
         var options = ConvertOptions()
         if let workers { options.workers = workers }
         options.zeroSkippedRanges = noCreate && !targetIsZero
+        options.cloneExtents = !noClone
         var sink = try spec.makeSink(path: dst)
         // Every image is hostile until inspected. The cheap checks (format, features, bounds) run first; the
         // structural walk of every table runs alongside the copy and gates the rename (GatedSink).

@@ -209,6 +209,37 @@ struct OracleTests {
         #expect(leftovers.isEmpty)
     }
 
+    /// On XFS (scripts/test.sh mounts one, IMGCONV_REFLINK_DIR) the CLI shares what the source stores verbatim, the
+    /// inspection's gate included, and the output still equals qemu-img's.
+    @Test("convert -O raw on a file system that shares extents clones and equals qemu-img",
+          .enabled(if: ProcessInfo.processInfo.environment["IMGCONV_REFLINK_DIR"] != nil, "IMGCONV_REFLINK_DIR not set"),
+          arguments: oracleCases.filter { ["qcow2 v3 64KiB + zero clusters", "qcow2 zlib compressed", "raw"].contains($0.name) })
+    func convertSharingExtents(_ c: OracleCase) throws {
+        let root = ProcessInfo.processInfo.environment["IMGCONV_REFLINK_DIR"]! + "/oracle-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let (dir, built) = try build(c)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let img = root + "/" + (built as NSString).lastPathComponent
+        try run(["cp", "--sparse=always", built, img])
+        let ours = root + "/ours.raw", theirs = root + "/theirs.raw"
+        try run([imgconvBinary, "convert", "-f", c.format.rawValue, "-O", "raw", img, ours])
+        try run(["qemu-img", "convert", "-f", c.format.rawValue, "-O", "raw", img, theirs])
+        #expect(try sha256(ours) == sha256(theirs))
+        let shared = try run(["sh", "-c", "filefrag -v '\(ours)' | grep -c shared"], allowFailure: true).out
+        let compressed = c.convertArgs.contains("-c")
+        #expect((Int(shared.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) > 0 || compressed,
+                "no shared extent in the output")
+        // --no-clone copies every byte: same content, nothing shared.
+        let plain = root + "/plain.raw"
+        try run([imgconvBinary, "convert", "--no-clone", "-f", c.format.rawValue, "-O", "raw", img, plain])
+        #expect(try sha256(plain) == sha256(theirs))
+        let plainShared = try run(["sh", "-c", "filefrag -v '\(plain)' | grep -c shared"], allowFailure: true).out
+        #expect(plainShared.trimmingCharacters(in: .whitespacesAndNewlines) == "0")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: root).sorted()
+                == [(img as NSString).lastPathComponent, "ours.raw", "plain.raw", "theirs.raw"].sorted())
+    }
+
     @Test("map agrees with qemu-img map on data versus zero", arguments: oracleCases)
     func map(_ c: OracleCase) throws {
         let (dir, img) = try build(c)
