@@ -158,7 +158,9 @@ public final class QCOW2Sink: ImageSink {
                 let sectors = ((host + UInt64(c.count) - 1) >> 9) - (host >> 9)
                 l2[slot] = QCOW2Image.compressedFlag | host | (sectors << shift)
             } else {
-                let host = try allocateCluster()
+                // A cluster a refused clone already allocated is written where it was allocated (never leaked).
+                let host = try l2[slot] & QCOW2Image.compressedFlag == 0 && l2[slot] != 0
+                    ? l2[slot] & ~QCOW2Image.copiedFlag : allocateCluster()
                 if pendingStart < 0 || pendingHost + UInt64(i - pendingStart) != host {
                     try flushPending(i)
                     pendingStart = i
@@ -261,4 +263,24 @@ public final class QCOW2Sink: ImageSink {
 
     public func abort() { file.discard() }
     public var outputFile: OutputFile? { file }
+}
+
+extension QCOW2Sink: ExtentCloningSink {
+    /// Uncompressed output with clusters of at least a file-system block.
+    public func cloneAlignment(from source: FileStorage) -> UInt64? {
+        guard options.compression == .none else { return nil }
+        return cloneAlignment(of: file, from: source, dataAlignment: cs)
+    }
+
+    /// Allocates the run's clusters as `write` would (reusing one an earlier run of the same cluster allocated)
+    /// and clones the source into them.
+    public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {
+        let l2Entries = UInt64(unit / 8)
+        try cloneThroughBlocks(from: source, at: hostOffset, length: length, to: offset, blockSize: cs, into: file) { vcl in
+            try switchL2(to: Int(vcl / l2Entries))
+            let slot = Int(vcl % l2Entries)
+            if l2[slot] == 0 { l2[slot] = try allocateCluster() | QCOW2Image.copiedFlag }
+            return l2[slot] & ~QCOW2Image.copiedFlag
+        }
+    }
 }

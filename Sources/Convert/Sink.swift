@@ -108,6 +108,47 @@ public protocol ExtentCloningSink: ImageSink {
     func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws
 }
 
+extension ExtentCloningSink {
+    /// Clones `length` bytes at `hostOffset` of `source` to virtual `offset` of an output whose blocks of
+    /// `blockSize` bytes `place` puts in the file (allocating a block on first use, as `write` does, and returning
+    /// the host offset of its first byte): one FICLONERANGE per stretch contiguous on both sides. What no run
+    /// covers of a block stays a hole and reads as zeros.
+    func cloneThroughBlocks(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64,
+                            blockSize: UInt64, into file: OutputFile, place: (UInt64) throws -> UInt64) throws {
+        var pos = offset, src = hostOffset
+        let end = offset + length
+        var piece: (dst: UInt64, src: UInt64, length: UInt64) = (0, 0, 0)
+        func flush() throws {
+            guard piece.length > 0 else { return }
+            try FileClone.cloneRange(from: source.descriptor, at: piece.src, length: piece.length, to: file.fd,
+                                     at: piece.dst, path: file.currentPath)
+            piece.length = 0
+        }
+        while pos < end {
+            let inBlock = pos % blockSize
+            let n = min(blockSize - inBlock, end - pos)
+            let dst = try place(pos / blockSize) + inBlock
+            if piece.length > 0 && piece.dst + piece.length == dst && piece.src + piece.length == src {
+                piece.length += n
+            } else {
+                try flush()
+                piece = (dst, src, n)
+            }
+            pos += n
+            src += n
+        }
+        try flush()
+    }
+
+    /// The alignment a new output `file` can take clones from `source` at: the file system's block, when it shares
+    /// extents, `source` is on it, and the block divides `dataAlignment` (where the format puts its data).
+    func cloneAlignment(of file: OutputFile, from source: FileStorage, dataAlignment: UInt64) -> UInt64? {
+        guard file.fd >= 0, FileClone.mayShareExtents(file.fd), FileClone.sameFileSystem(source.descriptor, file.fd),
+              let block = FileClone.blockSize(file.fd), dataAlignment % block == 0 else { return nil }
+        return block
+    }
+}
+
 /// A sparse raw file: sized with ftruncate, only data is written into it. Holes are never written.
 public final class RawFileSink: ImageSink {
     public let unit: Int
@@ -181,9 +222,8 @@ extension RawFileSink: ExtentCloningSink {
     /// Only a file this sink created, sparse: an existing target keeps its own blocks (`-n`), and a preallocated
     /// one was asked to own its blocks.
     public func cloneAlignment(from source: FileStorage) -> UInt64? {
-        guard !inPlace, preallocation == .off, file.fd >= 0, FileClone.mayShareExtents(file.fd),
-              FileClone.sameFileSystem(source.descriptor, file.fd) else { return nil }
-        return FileClone.blockSize(file.fd)
+        guard !inPlace, preallocation == .off else { return nil }
+        return cloneAlignment(of: file, from: source, dataAlignment: 1 << 20)
     }
 
     public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {

@@ -107,15 +107,23 @@ public final class VPCSink: ImageSink {
             return
         }
         try run.forEachBlockPiece(blockSize) { bi, inBlock, piece in
-            if bat[bi] == 0xffff_ffff {
-                // A new block at the end: an all-ones bitmap (every sector present), then the data.
-                bat[bi] = UInt32(tail / 512)
-                try file.pwriteAll([UInt8](repeating: 0xff, count: Int(bitmapBytes)), at: tail)
-                tail += bitmapBytes + blockSize
-            }
-            try file.submit(piece, at: UInt64(bat[bi]) * 512 + bitmapBytes + inBlock)
+            try file.submit(piece, at: blockData(bi) + inBlock)
         }
     }
+
+    /// Where block `bi`'s data starts in the file, allocating the block at the end on first use: an all-ones
+    /// bitmap (every sector present), then the data, placed on a 4 KiB boundary (the bitmap takes the sector
+    /// before it), so data writes go direct without sharing a page with the bitmap, and can be clones.
+    func blockData(_ bi: Int) throws -> UInt64 {
+        if bat[bi] == 0xffff_ffff {
+            tail = divRoundUp(tail + bitmapBytes, Self.dataAlignment) * Self.dataAlignment - bitmapBytes
+            bat[bi] = UInt32(tail / 512)
+            try file.pwriteAll([UInt8](repeating: 0xff, count: Int(bitmapBytes)), at: tail)
+            tail += bitmapBytes + blockSize
+        }
+        return UInt64(bat[bi]) * 512 + bitmapBytes
+    }
+    static let dataAlignment: UInt64 = 4096
 
     public func finish() throws {
         if subformat == .fixed {
@@ -132,6 +140,18 @@ public final class VPCSink: ImageSink {
 
     public func abort() { file.discard() }
     public var outputFile: OutputFile? { file }
+}
+
+extension VPCSink: ExtentCloningSink {
+    public func cloneAlignment(from source: FileStorage) -> UInt64? {
+        cloneAlignment(of: file, from: source, dataAlignment: Self.dataAlignment)
+    }
+
+    public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {
+        try cloneThroughBlocks(from: source, at: hostOffset, length: length, to: offset, blockSize: blockSize, into: file) { bi in
+            subformat == .fixed ? bi * blockSize : try blockData(Int(bi))
+        }
+    }
 }
 
 /// Writes VDI 1.1: a 512-byte header, the block map, then 1 MiB blocks. Dynamic images allocate a block on its
@@ -180,7 +200,8 @@ public final class VDISink: ImageSink {
         self.virtualSize = divRoundUp(virtualSize, 512) * 512
         blocks = divRoundUp(self.virtualSize, blockSize)
         guard blocks <= 0x3fff_ffff else { throw SinkError.unsupportedOutput("vdi images hold at most 0x3fffffff blocks") }
-        dataOffset = bmapOffset + divRoundUp(blocks * 4, 512) * 512
+        // The data on a 4 KiB boundary (qemu puts it at the next sector): direct writes and clones need it.
+        dataOffset = divRoundUp(bmapOffset + blocks * 4, VPCSink.dataAlignment) * VPCSink.dataAlignment
         try file.create()
         // The block map: every block unallocated (dynamic) or mapped in place (static), 1 MiB at a time.
         var i: UInt64 = 0
@@ -200,21 +221,23 @@ public final class VDISink: ImageSink {
     }
 
     public func write(_ run: EncodedRun) throws {
-        if isStatic {
-            try file.submit(run.data, at: dataOffset + run.offset)
-            return
-        }
         try run.forEachBlockPiece(blockSize) { bi, inBlock, piece in
-            if bi != lastBlock {
-                // Runs arrive in increasing order, so a block is new exactly when it differs from the last one.
-                var e = [UInt8](repeating: 0, count: 4)
-                e.le32(0, allocated)
-                try file.pwriteAll(e, at: bmapOffset + UInt64(bi) * 4)
-                allocated += 1
-                lastBlock = bi
-            }
-            try file.submit(piece, at: dataOffset + UInt64(allocated - 1) * blockSize + inBlock)
+            try file.submit(piece, at: blockData(bi) + inBlock)
         }
+    }
+
+    /// Where block `bi`'s data starts in the file; a dynamic image allocates it on first use.
+    func blockData(_ bi: Int) throws -> UInt64 {
+        if isStatic { return dataOffset + UInt64(bi) * blockSize }
+        if bi != lastBlock {
+            // Runs (and clones) arrive in increasing order, so a block is new exactly when it differs from the last.
+            var e = [UInt8](repeating: 0, count: 4)
+            e.le32(0, allocated)
+            try file.pwriteAll(e, at: bmapOffset + UInt64(bi) * 4)
+            allocated += 1
+            lastBlock = bi
+        }
+        return dataOffset + UInt64(allocated - 1) * blockSize
     }
 
     public func finish() throws {
@@ -225,4 +248,16 @@ public final class VDISink: ImageSink {
 
     public func abort() { file.discard() }
     public var outputFile: OutputFile? { file }
+}
+
+extension VDISink: ExtentCloningSink {
+    public func cloneAlignment(from source: FileStorage) -> UInt64? {
+        cloneAlignment(of: file, from: source, dataAlignment: VPCSink.dataAlignment)
+    }
+
+    public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {
+        try cloneThroughBlocks(from: source, at: hostOffset, length: length, to: offset, blockSize: blockSize, into: file) {
+            try blockData(Int($0))
+        }
+    }
 }

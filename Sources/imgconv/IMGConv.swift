@@ -255,8 +255,10 @@ struct ConvertCommand: ParsableCommand {
     var progressFormat: String?
     @Flag(name: .customLong("trusted"), help: "Convert even if the inspection finds the image unsafe (for trusted local files). Backing files, data files and parents are still never opened.")
     var trusted = false
-    @Flag(name: .customLong("no-clone"), help: "Copy every byte. By default, on a file system that shares extents (XFS, btrfs), raw output shares the blocks the source stores as they are (what qemu-img -C and cp --reflink do) instead of reading and writing them.")
+    @Flag(name: .customLong("no-clone"), help: "Copy every byte. By default, on a file system that shares extents (XFS, btrfs), raw output shares the blocks the source stores as they are (as cp --reflink does) instead of reading and writing them.")
     var noClone = false
+    @Flag(name: .customShort("C"), help: "Share blocks with the source for qcow2, vpc and vdi output too (qemu-img's copy offloading). Shared data is not zero-detected, so all-zero data of the source stays allocated in the output.")
+    var copyOffload = false
     @Argument(help: "The source image.") var src: String
     @Argument(help: "The output file.") var dst: String
 
@@ -277,7 +279,10 @@ struct ConvertCommand: ParsableCommand {
         var options = ConvertOptions()
         if let workers { options.workers = workers }
         options.zeroSkippedRanges = noCreate && !targetIsZero
-        options.cloneExtents = !noClone
+        if noClone && copyOffload { throw SinkError.invalidOption("-C and --no-clone contradict each other") }
+        // Raw output shares blocks by default (zeros cost nothing there); a qcow2 only with -C, where sharing
+        // trades its compactness (the zeros a copy would skip stay allocated) for time.
+        options.cloneExtents = !noClone && (spec.format == .raw || copyOffload)
         var sink = try spec.makeSink(path: dst)
         // Every image is hostile until inspected. The cheap checks (format, features, bounds) run first; the
         // structural walk of every table runs alongside the copy and gates the rename (GatedSink).

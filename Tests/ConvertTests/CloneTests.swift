@@ -115,6 +115,72 @@ struct CloneTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == ["bad.qcow2"])
     }
 
+    /// Every uncompressed format places its data on 4 KiB (VHD's bitmap takes the sector before each block, VDI's
+    /// data area starts on 4 KiB) and clones into it: clean check, same content, shared blocks. A 512-byte-cluster
+    /// qcow2 and compressed output are never asked.
+    @Test(.enabled(if: reflinkDir != nil, "no reflink file system (IMGCONV_REFLINK_DIR)"),
+          arguments: [(ImageFormat.qcow2, [String: String]()), (.vpc, [:]), (.vpc, ["subformat": "fixed"]),
+                      (.vdi, [:]), (.vdi, ["static": "on"])])
+    func everyFormatClonesIntoItsBlocks(_ format: ImageFormat, _ options: [String: String]) throws {
+        let dir = try reflinkTemp()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for name in ["base.raw", "qcow2-v3.qcow2", "qcow2-zlib.qcow2"] {
+            try FileManager.default.copyItem(atPath: samplesDir + "/" + name, toPath: dir + "/" + name)
+            let image = try ImageOpener.open(path: dir + "/" + name)
+            let out = dir + "/" + name + ".out"
+            var spec = OutputSpec(format: format)
+            spec.options = options
+            let stats = try Converter().convert(image, to: try spec.makeSink(path: out))
+            #expect(stats.bytesCloned > 0, "\(name)")
+            #expect(try sharedBytes(out) >= stats.bytesCloned, "\(name)")
+            let made = try ImageOpener.open(path: out, declared: format)
+            let check = try made.check()
+            #expect(check.corruptions == 0 && check.leaks == 0, "\(name): \(check.messages)")
+            var a = [UInt8](repeating: 0, count: Int(image.virtualSize)), b = a
+            try a.withUnsafeMutableBytes { try image.read(into: $0, at: 0) }
+            try b.withUnsafeMutableBytes { try made.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<min($0.count, Int(made.virtualSize))]), at: 0) }
+            #expect(a == b, "\(name)")
+        }
+        let source = try FileStorage(path: dir + "/base.raw")
+        var small = QCOW2Sink.Options()
+        small.clusterBits = 9
+        let tiny = try QCOW2Sink(path: dir + "/tiny.qcow2", options: small)
+        try tiny.begin(virtualSize: 1 << 20)
+        #expect(tiny.cloneAlignment(from: source) == nil)
+        tiny.abort()
+        var compressed = QCOW2Sink.Options()
+        compressed.compression = .zlib
+        let zipped = try QCOW2Sink(path: dir + "/zipped.qcow2", options: compressed)
+        try zipped.begin(virtualSize: 1 << 20)
+        #expect(zipped.cloneAlignment(from: source) == nil)
+        zipped.abort()
+    }
+
+    /// A clone the file system refuses after the qcow2 sink allocated its clusters: the copy that follows is
+    /// written into those clusters, so nothing leaks (ext4 refuses every clone).
+    @Test func aRefusedQCOW2CloneLeaksNothing() throws {
+        let src = tempPath("src.raw")
+        let bytes = (0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 1) }
+        FileManager.default.createFile(atPath: src, contents: Data(bytes))
+        let storage = try FileStorage(path: src)
+        let out = tempPath("refused.qcow2")
+        let sink = try QCOW2Sink(path: out)
+        try sink.begin(virtualSize: UInt64(bytes.count))
+        if FileClone.mayShareExtents(sink.file.fd) { sink.abort(); return }  // a sharing file system: nothing to refuse
+        #expect {
+            try sink.clone(from: storage, at: 0, length: UInt64(bytes.count), to: 0)
+        } throws: { ($0 as? FileError).map { FileClone.isRefusal($0.errno) } ?? false }
+        try bytes.withUnsafeBytes { try sink.write(sink.encode($0, at: 0)) }
+        try sink.drain()
+        try sink.finish()
+        let made = try ImageOpener.open(path: out, declared: .qcow2)
+        let check = try made.check()
+        #expect(check.corruptions == 0 && check.leaks == 0, "\(check.messages)")
+        var back = [UInt8](repeating: 0, count: bytes.count)
+        try back.withUnsafeMutableBytes { try made.read(into: $0, at: 0) }
+        #expect(back == bytes)
+    }
+
     /// A file system that offers and then refuses (XFS without reflink): the windows planned as clones are read
     /// and written instead, the later ones are never planned, and the counters add up.
     @Test func aRefusedCloneIsCopied() throws {

@@ -240,6 +240,28 @@ struct OracleTests {
                 == [(img as NSString).lastPathComponent, "ours.raw", "plain.raw", "theirs.raw"].sorted())
     }
 
+    /// qcow2 output shares blocks only with -C (qemu-img's flag): the image equals its source for qemu-img
+    /// compare and is clean for qemu-img check either way.
+    @Test("convert -O qcow2 -C on a file system that shares extents",
+          .enabled(if: ProcessInfo.processInfo.environment["IMGCONV_REFLINK_DIR"] != nil, "IMGCONV_REFLINK_DIR not set"))
+    func convertToQCOW2SharingExtents() throws {
+        let root = ProcessInfo.processInfo.environment["IMGCONV_REFLINK_DIR"]! + "/oracle-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let src = root + "/base.raw"
+        try writeBaseImage(src, size: 10 << 20 + 512)
+        for (flags, name, shares) in [(["-C"], "c.qcow2", true), ([], "plain.qcow2", false)] {
+            let out = root + "/" + name
+            try run([imgconvBinary, "convert", "-f", "raw", "-O", "qcow2"] + flags + [src, out])
+            try run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, out])
+            try run(["qemu-img", "check", "-f", "qcow2", out])
+            let shared = try run(["sh", "-c", "filefrag -v '\(out)' | grep -c shared"], allowFailure: true).out
+            #expect(((Int(shared.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) > 0) == shares, "\(name): \(shared)")
+        }
+        #expect(try run([imgconvBinary, "convert", "-C", "--no-clone", "-O", "qcow2", src, root + "/x.qcow2"],
+                        allowFailure: true).status != 0)
+    }
+
     @Test("map agrees with qemu-img map on data versus zero", arguments: oracleCases)
     func map(_ c: OracleCase) throws {
         let (dir, img) = try build(c)
