@@ -17,8 +17,8 @@ public struct ConvertOptions: Sendable {
     /// `WorkerPool.background`, so its conversions run at background priority (`Niceness`).
     public var pool: WorkerPool?
     /// Share the blocks of runs the image stores verbatim, block-aligned, in a file on the output's file system
-    /// (XFS, btrfs: `FileClone`) instead of reading and writing them. Where the file system refuses, the bytes
-    /// are copied as usual.
+    /// (XFS, btrfs: `FileClone`) instead of reading and writing them, where the sink takes clones (raw output
+    /// always; image formats with `OutputSpec.copyOffload`). Where the file system refuses, the bytes are copied.
     public var cloneExtents = true
 
     public init() {}

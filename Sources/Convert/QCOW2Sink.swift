@@ -17,6 +17,8 @@ public final class QCOW2Sink: ImageSink {
         public var backingFile: String?
         /// Written as the backing-format header extension, so nothing probes the base's format.
         public var backingFormat: String?
+        /// Take clones of the source's clusters (`OutputSpec.copyOffload`).
+        public var copyOffload = false
         public enum Compression: Sendable { case none, zlib, zstd }
         public init() {}
     }
@@ -266,9 +268,9 @@ public final class QCOW2Sink: ImageSink {
 }
 
 extension QCOW2Sink: ExtentCloningSink {
-    /// Uncompressed output with clusters of at least a file-system block.
+    /// With `copyOffload`: uncompressed output with clusters of at least a file-system block.
     public func cloneAlignment(from source: FileStorage) -> UInt64? {
-        guard options.compression == .none else { return nil }
+        guard options.copyOffload, options.compression == .none else { return nil }
         return cloneAlignment(of: file, from: source, dataAlignment: cs)
     }
 

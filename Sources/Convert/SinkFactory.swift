@@ -11,6 +11,10 @@ public struct OutputSpec: Sendable {
     public var zeroGranularity = 4096
     /// -n: write into the existing target instead of creating it.
     public var inPlace = false
+    /// -C (qemu-img's copy offloading): qcow2, vpc and vdi output take clones of the source's blocks too (raw
+    /// output always does). Not the default: cloned data is not zero-detected, so all-zero data of the source
+    /// stays allocated in the image.
+    public var copyOffload = false
     /// fsync before the rename (the default; `-t unsafe` turns it off, as qemu-img convert's default does).
     public var durable = true
     /// Write the data with O_DIRECT where the file system takes it (`-t none`, the default); false writes through
@@ -99,6 +103,7 @@ public struct OutputSpec: Sendable {
             if let p = take("preallocation"), p != "off" { throw SinkError.invalidOption("preallocation=\(p): qcow2 output supports only off") }
             if ct == "zstd" && q.version == 2 { throw SinkError.invalidOption("compression_type=zstd needs compat=1.1") }
             if ct == "zstd" { q.compression = compress ? .zstd : .none }
+            q.copyOffload = copyOffload
             sink = try QCOW2Sink(path: path, options: q, zstdHeader: ct == "zstd")
         case .vmdk:
             let sf = take("subformat") ?? (compress ? "streamOptimized" : "monolithicSparse")
@@ -112,11 +117,11 @@ public struct OutputSpec: Sendable {
             let sf = take("subformat") ?? "dynamic"
             guard let sub = VPCSink.Subformat(rawValue: sf) else { throw SinkError.invalidOption("subformat=\(sf) (dynamic or fixed)") }
             let force = try take("force_size").map { try flag("force_size", $0) } ?? false
-            sink = VPCSink(path: path, subformat: sub, forceSize: force, unit: try blockUnit(2 << 20))
+            sink = VPCSink(path: path, subformat: sub, forceSize: force, unit: try blockUnit(2 << 20), copyOffload: copyOffload)
         case .vdi:
             if compress { throw SinkError.invalidOption("-c: vdi output cannot be compressed") }
             let st = try take("static").map { try flag("static", $0) } ?? false
-            sink = VDISink(path: path, isStatic: st, unit: try blockUnit(1 << 20))
+            sink = VDISink(path: path, isStatic: st, unit: try blockUnit(1 << 20), copyOffload: copyOffload)
         }
         sink.outputFile?.durable = durable
         sink.outputFile?.direct = direct

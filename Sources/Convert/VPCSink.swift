@@ -23,7 +23,11 @@ public final class VPCSink: ImageSink {
     var footer: [UInt8] = []
 
     /// `unit` is the zero-detection granularity (-S, 4 KiB by default): a divisor of the 2 MiB block.
-    public init(path: String, subformat: Subformat, forceSize: Bool, unit: Int = 4096) {
+    /// Take clones of the source's blocks (`OutputSpec.copyOffload`).
+    let copyOffload: Bool
+
+    public init(path: String, subformat: Subformat, forceSize: Bool, unit: Int = 4096, copyOffload: Bool = false) {
+        self.copyOffload = copyOffload
         self.unit = unit
         self.subformat = subformat
         self.forceSize = forceSize
@@ -144,7 +148,7 @@ public final class VPCSink: ImageSink {
 
 extension VPCSink: ExtentCloningSink {
     public func cloneAlignment(from source: FileStorage) -> UInt64? {
-        cloneAlignment(of: file, from: source, dataAlignment: Self.dataAlignment)
+        copyOffload ? cloneAlignment(of: file, from: source, dataAlignment: Self.dataAlignment) : nil
     }
 
     public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {
@@ -170,7 +174,11 @@ public final class VDISink: ImageSink {
     var dataOffset: UInt64 = 0
 
     /// `unit` is the zero-detection granularity (-S, 4 KiB by default): a divisor of the 1 MiB block.
-    public init(path: String, isStatic: Bool, unit: Int = 4096) {
+    /// Take clones of the source's blocks (`OutputSpec.copyOffload`).
+    let copyOffload: Bool
+
+    public init(path: String, isStatic: Bool, unit: Int = 4096, copyOffload: Bool = false) {
+        self.copyOffload = copyOffload
         self.unit = unit
         self.isStatic = isStatic
         self.file = OutputFile(path: path)
@@ -252,7 +260,7 @@ public final class VDISink: ImageSink {
 
 extension VDISink: ExtentCloningSink {
     public func cloneAlignment(from source: FileStorage) -> UInt64? {
-        cloneAlignment(of: file, from: source, dataAlignment: VPCSink.dataAlignment)
+        copyOffload ? cloneAlignment(of: file, from: source, dataAlignment: VPCSink.dataAlignment) : nil
     }
 
     public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {

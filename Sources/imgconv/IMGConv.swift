@@ -268,6 +268,9 @@ struct ConvertCommand: ParsableCommand {
         spec.compress = compress
         spec.zeroGranularity = try OutputSpec.parseSize(sparseSize)
         spec.inPlace = noCreate
+        // Raw output shares blocks by default (zeros cost nothing there); image formats only with -C, where
+        // sharing trades their compactness (the zeros a copy would skip stay allocated) for time.
+        spec.copyOffload = copyOffload
         switch cacheMode {
         case "none", "directsync": spec.durable = true; spec.direct = true
         case "writeback", "writethrough": spec.durable = true; spec.direct = false
@@ -280,9 +283,7 @@ struct ConvertCommand: ParsableCommand {
         if let workers { options.workers = workers }
         options.zeroSkippedRanges = noCreate && !targetIsZero
         if noClone && copyOffload { throw SinkError.invalidOption("-C and --no-clone contradict each other") }
-        // Raw output shares blocks by default (zeros cost nothing there); a qcow2 only with -C, where sharing
-        // trades its compactness (the zeros a copy would skip stay allocated) for time.
-        options.cloneExtents = !noClone && (spec.format == .raw || copyOffload)
+        options.cloneExtents = !noClone
         var sink = try spec.makeSink(path: dst)
         // Every image is hostile until inspected. The cheap checks (format, features, bounds) run first; the
         // structural walk of every table runs alongside the copy and gates the rename (GatedSink).

@@ -115,7 +115,7 @@ struct CloneTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == ["bad.qcow2"])
     }
 
-    /// Every uncompressed format places its data on 4 KiB (VHD's bitmap takes the sector before each block, VDI's
+    /// With -C every uncompressed format places its data on 4 KiB (VHD's bitmap takes the sector before each block, VDI's
     /// data area starts on 4 KiB) and clones into it: clean check, same content, shared blocks. A 512-byte-cluster
     /// qcow2 and compressed output are never asked.
     @Test(.enabled(if: reflinkDir != nil, "no reflink file system (IMGCONV_REFLINK_DIR)"),
@@ -130,6 +130,11 @@ struct CloneTests {
             let out = dir + "/" + name + ".out"
             var spec = OutputSpec(format: format)
             spec.options = options
+            // Without -C an image format is written as always.
+            let copied = try Converter().convert(image, to: try spec.makeSink(path: out + ".copied"))
+            #expect(copied.bytesCloned == 0 && copied.bytesWritten > 0, "\(name)")
+            #expect(try sharedBytes(out + ".copied") == 0, "\(name)")
+            spec.copyOffload = true
             let stats = try Converter().convert(image, to: try spec.makeSink(path: out))
             #expect(stats.bytesCloned > 0, "\(name)")
             #expect(try sharedBytes(out) >= stats.bytesCloned, "\(name)")
@@ -143,12 +148,14 @@ struct CloneTests {
         }
         let source = try FileStorage(path: dir + "/base.raw")
         var small = QCOW2Sink.Options()
+        small.copyOffload = true
         small.clusterBits = 9
         let tiny = try QCOW2Sink(path: dir + "/tiny.qcow2", options: small)
         try tiny.begin(virtualSize: 1 << 20)
         #expect(tiny.cloneAlignment(from: source) == nil)
         tiny.abort()
         var compressed = QCOW2Sink.Options()
+        compressed.copyOffload = true
         compressed.compression = .zlib
         let zipped = try QCOW2Sink(path: dir + "/zipped.qcow2", options: compressed)
         try zipped.begin(virtualSize: 1 << 20)
