@@ -127,8 +127,9 @@ public struct Converter: Sendable {
         let sources: [Int: (storage: FileStorage, alignment: UInt64)]
         /// Set by the writer when the file system refused a clone: later windows are read and written.
         let refused = Atomic<Bool>(false)
-        /// What the windows planned as clones and then copied after a refusal came to.
-        let copiedInstead = Mutex(ConvertStats())
+        /// What the writer did with the windows planned as clones: bytes cloned, and for those copied after a
+        /// refusal, bytes read, written and found zero.
+        let tally = Mutex(ConvertStats())
 
         init?(_ image: any DiskImage, _ sink: any ImageSink) {
             guard let cloning = sink as? any ExtentCloningSink else { return nil }
@@ -291,10 +292,7 @@ public struct Converter: Sendable {
             pendingWrite.wait()
             if let e = writeError.withLock({ $0 }) { throw e }
             for (w, r) in zip(windows, results) {
-                if let clones = w.clones {
-                    stats.bytesCloned += clones.reduce(0) { $0 + $1.length }
-                    continue
-                }
+                if w.clones != nil { continue }  // counted by the writer (ClonePlan.tally)
                 stats.bytesRead += UInt64(w.length)
                 stats.bytesWritten += r.written
                 stats.zeroBytesSkipped += r.zeroSkipped
@@ -313,7 +311,7 @@ public struct Converter: Sendable {
                     for (w, r) in zip(windows, results) {
                         if cancel() || abandoned.load(ordering: .relaxed) { throw SinkError.cancelled }
                         if let clones = w.clones, let clonePlan {
-                            try Self.clone(clones, of: w, image: image, plan: clonePlan, unit: unit)
+                            try Self.clone(clones, of: w, image: image, plan: clonePlan)
                         }
                         for (off, len) in r.zeros { try sink.zero(at: off, length: len) }
                         for run in r.runs { try sink.write(run) }
@@ -332,11 +330,11 @@ public struct Converter: Sendable {
         }
         pendingWrite.wait()
         if let e = writeError.withLock({ $0 }) { throw e }
-        if let copied = clonePlan?.copiedInstead.withLock({ $0 }) {
-            stats.bytesCloned -= copied.bytesCloned
-            stats.bytesRead += copied.bytesRead
-            stats.bytesWritten += copied.bytesWritten
-            stats.zeroBytesSkipped += copied.zeroBytesSkipped
+        if let tally = clonePlan?.tally.withLock({ $0 }) {
+            stats.bytesCloned += tally.bytesCloned
+            stats.bytesRead += tally.bytesRead
+            stats.bytesWritten += tally.bytesWritten
+            stats.zeroBytesSkipped += tally.zeroBytesSkipped
         }
         progress?(image.virtualSize, image.virtualSize)
         return stats
@@ -344,13 +342,14 @@ public struct Converter: Sendable {
 
     /// Shares a window's runs with the source file; where the file system refuses, reads and writes the window as
     /// usual (and the plan stops cloning).
-    static func clone(_ clones: [CloneRun], of w: Window, image: any DiskImage, plan: ClonePlan, unit: Int) throws {
+    static func clone(_ clones: [CloneRun], of w: Window, image: any DiskImage, plan: ClonePlan) throws {
         // Windows planned before a refusal are copied without asking again.
         if !plan.refused.load(ordering: .relaxed) {
             do {
                 for c in clones {
                     try plan.sink.clone(from: plan.sources[c.file]!.storage, at: c.host, length: c.length, to: c.offset)
                 }
+                plan.tally.withLock { $0.bytesCloned += clones.reduce(0) { $0 + $1.length } }
                 return
             } catch let e as FileError where FileClone.isRefusal(e.errno) {
                 plan.refused.store(true, ordering: .relaxed)
@@ -359,11 +358,8 @@ public struct Converter: Sendable {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: w.length, alignment: 4096)
         defer { buffer.deallocate() }
         try image.read(into: buffer, at: w.offset)
-        let r = try encodeWindow(UnsafeRawBufferPointer(buffer), at: w.offset, unit: unit, sink: plan.sink)
-        for run in r.runs { try plan.sink.write(run) }
-        try plan.sink.drain()  // the runs point into `buffer`
-        plan.copiedInstead.withLock {
-            $0.bytesCloned += clones.reduce(0) { $0 + $1.length }
+        let r = try store(UnsafeRawBufferPointer(buffer), at: w.offset, to: plan.sink)
+        plan.tally.withLock {
             $0.bytesRead += UInt64(w.length)
             $0.bytesWritten += r.written
             $0.zeroBytesSkipped += r.zeroSkipped
@@ -374,10 +370,15 @@ public struct Converter: Sendable {
     /// the sink's units, zero units skipped, runs of non-zero units encoded and written. Returns the bytes written.
     @discardableResult
     public static func writeWindow(_ data: UnsafeRawBufferPointer, at offset: UInt64, to sink: any ImageSink) throws -> UInt64 {
+        try store(data, at: offset, to: sink).written
+    }
+
+    /// Encodes and writes one buffer in the writer's thread, and drains the sink (the runs point into `data`).
+    static func store(_ data: UnsafeRawBufferPointer, at offset: UInt64, to sink: any ImageSink) throws -> WindowResult {
         let r = try encodeWindow(data, at: offset, unit: sink.unit, sink: sink)
         for run in r.runs { try sink.write(run) }
         try sink.drain()
-        return r.written
+        return r
     }
 
     /// Splits a window into runs of non-zero units and encodes each.

@@ -108,6 +108,10 @@ public protocol ExtentCloningSink: ImageSink {
     func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws
 }
 
+/// Where the image sinks put their data: on 4 KiB, so that it goes out with O_DIRECT without sharing a page with
+/// metadata, and can take clones (VHD blocks, VDI's data area; qcow2 clusters are their own size).
+let sinkDataAlignment: UInt64 = 4096
+
 extension ExtentCloningSink {
     /// Clones `length` bytes at `hostOffset` of `source` to virtual `offset` of an output whose blocks of
     /// `blockSize` bytes `place` puts in the file (allocating a block on first use, as `write` does, and returning
@@ -223,6 +227,7 @@ extension RawFileSink: ExtentCloningSink {
     /// one was asked to own its blocks.
     public func cloneAlignment(from source: FileStorage) -> UInt64? {
         guard !inPlace, preallocation == .off else { return nil }
+        // A raw file's data starts at offset 0: any block size up to the converter's 1 MiB windows will do.
         return cloneAlignment(of: file, from: source, dataAlignment: 1 << 20)
     }
 

@@ -116,18 +116,16 @@ public final class VPCSink: ImageSink {
     }
 
     /// Where block `bi`'s data starts in the file, allocating the block at the end on first use: an all-ones
-    /// bitmap (every sector present), then the data, placed on a 4 KiB boundary (the bitmap takes the sector
-    /// before it), so data writes go direct without sharing a page with the bitmap, and can be clones.
+    /// bitmap (every sector present), then the data, on `sinkDataAlignment` (the bitmap takes the sector before).
     func blockData(_ bi: Int) throws -> UInt64 {
         if bat[bi] == 0xffff_ffff {
-            tail = divRoundUp(tail + bitmapBytes, Self.dataAlignment) * Self.dataAlignment - bitmapBytes
+            tail = divRoundUp(tail + bitmapBytes, sinkDataAlignment) * sinkDataAlignment - bitmapBytes
             bat[bi] = UInt32(tail / 512)
             try file.pwriteAll([UInt8](repeating: 0xff, count: Int(bitmapBytes)), at: tail)
             tail += bitmapBytes + blockSize
         }
         return UInt64(bat[bi]) * 512 + bitmapBytes
     }
-    static let dataAlignment: UInt64 = 4096
 
     public func finish() throws {
         if subformat == .fixed {
@@ -148,7 +146,7 @@ public final class VPCSink: ImageSink {
 
 extension VPCSink: ExtentCloningSink {
     public func cloneAlignment(from source: FileStorage) -> UInt64? {
-        copyOffload ? cloneAlignment(of: file, from: source, dataAlignment: Self.dataAlignment) : nil
+        copyOffload ? cloneAlignment(of: file, from: source, dataAlignment: sinkDataAlignment) : nil
     }
 
     public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {
@@ -208,8 +206,8 @@ public final class VDISink: ImageSink {
         self.virtualSize = divRoundUp(virtualSize, 512) * 512
         blocks = divRoundUp(self.virtualSize, blockSize)
         guard blocks <= 0x3fff_ffff else { throw SinkError.unsupportedOutput("vdi images hold at most 0x3fffffff blocks") }
-        // The data on a 4 KiB boundary (qemu puts it at the next sector): direct writes and clones need it.
-        dataOffset = divRoundUp(bmapOffset + blocks * 4, VPCSink.dataAlignment) * VPCSink.dataAlignment
+        // The data on `sinkDataAlignment` (qemu puts it at the next sector): direct writes and clones need it.
+        dataOffset = divRoundUp(bmapOffset + blocks * 4, sinkDataAlignment) * sinkDataAlignment
         try file.create()
         // The block map: every block unallocated (dynamic) or mapped in place (static), 1 MiB at a time.
         var i: UInt64 = 0
@@ -260,7 +258,7 @@ public final class VDISink: ImageSink {
 
 extension VDISink: ExtentCloningSink {
     public func cloneAlignment(from source: FileStorage) -> UInt64? {
-        copyOffload ? cloneAlignment(of: file, from: source, dataAlignment: VPCSink.dataAlignment) : nil
+        copyOffload ? cloneAlignment(of: file, from: source, dataAlignment: sinkDataAlignment) : nil
     }
 
     public func clone(from source: FileStorage, at hostOffset: UInt64, length: UInt64, to offset: UInt64) throws {
